@@ -1,0 +1,51 @@
+"""Which implementation of the four kernels a model calls.
+
+    reference  the plain per-step loop (`ops.selective_scan_ref`), for reading and checking
+    numpy      the vectorised NumPy/CuPy functions of `minimamba.ops`
+    numba      the Numba CPU kernels of `minimamba.kernels.cpu` (needs numba)
+    cuda       the Numba CUDA kernels of `minimamba.kernels.cuda` (needs numba-cuda and CuPy arrays)
+
+All four take the same arguments (those of `minimamba.ops`); tests compare them.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from . import ops
+
+IMPLS = ("reference", "numpy", "numba", "cuda")
+KERNEL_NAMES = ("selective_scan_fn", "selective_state_update", "causal_conv1d_fn", "causal_conv1d_update")
+
+
+def _namespace(name, module, **overrides):
+    funcs = {k: overrides.get(k, getattr(module, k)) for k in KERNEL_NAMES}
+    return SimpleNamespace(name=name, **funcs)
+
+
+def resolve_impl(impl=None, backend_name="numpy") -> SimpleNamespace:
+    """The kernels for `impl`; None or "auto" picks the fastest one available."""
+    if impl in (None, "auto"):
+        preferred = ("cuda", "numpy") if backend_name == "cupy" else ("numba", "numpy")
+        for name in preferred:
+            try:
+                return resolve_impl(name, backend_name)
+            except ImportError:
+                continue
+    if impl == "reference":
+        return _namespace("reference", ops, selective_scan_fn=ops.selective_scan_ref)
+    if impl == "numpy":
+        return _namespace("numpy", ops)
+    if impl == "numba":
+        if backend_name != "numpy":
+            raise ValueError("impl='numba' runs on NumPy arrays; use impl='cuda' with backend='cupy'")
+        from .kernels import cpu  # ImportError when numba is missing
+
+        return _namespace("numba", cpu)
+    if impl == "cuda":
+        if backend_name != "cupy":
+            raise ValueError("impl='cuda' needs backend='cupy' (CuPy arrays on the GPU)")
+        from .kernels import cuda
+
+        return _namespace("cuda", cuda)
+    raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)} or 'auto'")

@@ -1,0 +1,423 @@
+"""The Mamba language model in NumPy, read top to bottom.
+
+Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces"
+(2023), https://arxiv.org/abs/2312.00752; the names and numerics follow
+transformers' `models/mamba/modeling_mamba.py` so checkpoints load unchanged.
+
+Glossary of dimensions (paper symbols in brackets):
+    b  batch size                       l  sequence length (L)
+    d  hidden_size, the residual width  e  intermediate_size = expand * d (ED)
+    n  state_size (N)                   k  conv_kernel
+    r  time_step_rank (rank of Delta)   V  vocab_size
+
+One forward pass:
+    input_ids (b, l) -> embeddings (b, l, d)
+    -> num_hidden_layers x MambaBlock: h + mixer(rmsnorm(h))
+    -> norm_f -> lm_head (tied to the embeddings) -> logits (b, l, V)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import get_backend, resolve_dtype
+from .cache import MambaCache
+from .config import MambaConfig
+from .impl import resolve_impl
+from .ops import array_module, rms_norm
+from .weights import expected_shapes, load_state_dict, resolve_model_dir
+
+
+@dataclass
+class MambaOutput:
+    last_hidden_state: object = None  # (b, l, d)
+    cache_params: MambaCache | None = None
+    hidden_states: tuple | None = None  # each layer's output, then norm_f's: num_hidden_layers + 1 of (b, l, d)
+
+
+@dataclass
+class MambaCausalLMOutput:
+    loss: object = None  # scalar
+    logits: object = None  # (b, l, V)
+    cache_params: MambaCache | None = None
+    hidden_states: tuple | None = None
+
+
+class MambaMixer:
+    """The selective SSM block of Figure 3 (right): gated, with a causal conv and a scan."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int, kernels):
+        self.config = config
+        self.layer_idx = layer_idx
+        self.kernels = kernels  # selective_scan_fn & co, see minimamba.impl
+        self.in_proj_weight = self.in_proj_bias = None  # (2e, d), (2e,)
+        self.conv1d_weight = self.conv1d_bias = None  # (e, 1, k), (e,)
+        self.x_proj_weight = None  # (r + 2n, e)
+        self.dt_proj_weight = self.dt_proj_bias = None  # (e, r), (e,)
+        self.A_log = None  # (e, n)
+        self.D = None  # (e,)
+        self.out_proj_weight = self.out_proj_bias = None  # (d, e), (d,)
+
+    def __call__(self, hidden_states, cache_params=None, attention_mask=None):
+        """hidden_states (b, l, d) -> (b, l, d). Reads and updates `cache_params` when given."""
+        cfg, k = self.config, self.kernels
+        e, n, r = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
+        l = hidden_states.shape[1]
+
+        # 1. Input projection, split into the SSM branch x and the gate z (x first).
+        xz = hidden_states @ self.in_proj_weight.T  # (b, l, 2e)
+        if self.in_proj_bias is not None:
+            xz = xz + self.in_proj_bias
+        x = xz[..., :e].transpose(0, 2, 1)  # (b, e, l): the kernels' layout
+        z = xz[..., e:].transpose(0, 2, 1)  # (b, e, l)
+
+        # 2. Causal depthwise conv + SiLU. Padding positions are zeroed before and
+        #    after, so a left-padded row's state stays exactly zero until its first token.
+        if attention_mask is not None:
+            x = x * attention_mask[:, None, :]
+        conv_weight = self.conv1d_weight[:, 0, :]  # (e, k)
+        if cache_params is None:
+            x = k.causal_conv1d_fn(x, conv_weight, self.conv1d_bias, activation="silu")  # (b, e, l)
+        else:  # the cached inputs stand in for the zero padding; the state is updated in place
+            conv_state = cache_params.conv_states[self.layer_idx]  # (b, e, k)
+            x = k.causal_conv1d_update(x, conv_state, conv_weight, self.conv1d_bias, activation="silu")
+        if attention_mask is not None:
+            x = x * attention_mask[:, None, :]
+
+        # 3. The selection mechanism (Algorithm 2): Delta, B, C are functions of the input.
+        x_dbl = x.transpose(0, 2, 1) @ self.x_proj_weight.T  # (b, l, r + 2n)
+        dt, B, C = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]  # (b, l, r), (b, l, n), (b, l, n)
+        dt = dt @ self.dt_proj_weight.T  # (b, l, e); its bias is added inside the softplus
+        A = -array_module(self.A_log).exp(self.A_log)  # (e, n): negative real, so exp(dt A) < 1 decays the state
+
+        # 4. Selective scan: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t;  y_t = C_t . h_t + D x_t;  y * silu(z)
+        if cache_params is not None and l == 1:  # decode: one step of the recurrence
+            ssm_state = cache_params.ssm_states[self.layer_idx]  # (b, e, n), updated in place
+            y = k.selective_state_update(ssm_state, x[:, :, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D,
+                                         z=z[:, :, 0], dt_bias=self.dt_proj_bias, dt_softplus=True)
+            y = y[:, :, None]  # (b, e, 1)
+        else:
+            initial_state = None if cache_params is None else cache_params.ssm_states[self.layer_idx]
+            y, last_state = k.selective_scan_fn(
+                x, dt.transpose(0, 2, 1), A, B.transpose(0, 2, 1), C.transpose(0, 2, 1), D=self.D, z=z,
+                delta_bias=self.dt_proj_bias, delta_softplus=True, return_last_state=True,
+                initial_state=initial_state)  # (b, e, l), (b, e, n)
+            if cache_params is not None:
+                cache_params.update_ssm_state(self.layer_idx, last_state)
+
+        # 5. Output projection back to the residual width.
+        out = y.transpose(0, 2, 1) @ self.out_proj_weight.T  # (b, l, d)
+        if self.out_proj_bias is not None:
+            out = out + self.out_proj_bias
+        return out
+
+
+class MambaBlock:
+    """Pre-norm residual block: h + mixer(rmsnorm(h))."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int, kernels):
+        self.config = config
+        self.norm_weight = None  # (d,)
+        self.mixer = MambaMixer(config, layer_idx, kernels)
+
+    def __call__(self, hidden_states, cache_params=None, attention_mask=None):
+        # NOTE: the residual stream is float32 or float64 here, so residual_in_fp32 always holds.
+        normed = rms_norm(hidden_states, self.norm_weight, self.config.layer_norm_epsilon)  # (b, l, d)
+        return hidden_states + self.mixer(normed, cache_params, attention_mask)  # (b, l, d)
+
+
+class _Pretrained:
+    """Loading, saving, moving and naming weights; shared by MambaModel and MambaForCausalLM."""
+
+    prefix = ""  # how this class's parameter names sit inside a MambaForCausalLM checkpoint
+
+    def _setup(self, config, dtype, backend, impl):
+        self.config = config
+        self.dtype = resolve_dtype(dtype)
+        self.backend = get_backend(backend)
+        self.kernels = resolve_impl(impl, self.backend.name)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, dtype="float32", backend="numpy", impl=None,
+                        revision=None, cache_dir=None):
+        """Load a checkpoint folder or Hub repo (e.g. "state-spaces/mamba-130m-hf")."""
+        folder = resolve_model_dir(path_or_repo_id, revision=revision, cache_dir=cache_dir)
+        config = MambaConfig.from_pretrained(folder)
+        state_dict = load_state_dict(folder, config)
+        model = cls(config, dtype=dtype, backend=backend, impl=impl, init=False)
+        model.load_state_dict({name[len(cls.prefix):]: value for name, value in state_dict.items()
+                               if name.startswith(cls.prefix)})
+        model.name_or_path = str(path_or_repo_id)
+        model.folder = folder
+        return model
+
+    def parameter_shapes(self) -> dict:
+        return {name[len(self.prefix):]: shape for name, shape in expected_shapes(self.config).items()
+                if name.startswith(self.prefix)}
+
+    def _slot(self, name):
+        """'backbone.layers.3.mixer.in_proj.weight' -> (that mixer, 'in_proj_weight')."""
+        obj, parts = self, name.split(".")
+        while parts[0] in ("backbone", "layers", "mixer") or parts[0].isdigit():
+            part = parts.pop(0)
+            obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+        return obj, "_".join(parts)
+
+    def state_dict(self) -> dict:
+        """Parameters by their transformers names (the model's own arrays, not copies)."""
+        out = {}
+        for name in self.parameter_shapes():
+            obj, attr = self._slot(name)
+            out[name] = getattr(obj, attr)
+        return out
+
+    def load_state_dict(self, state_dict: dict):
+        """Set every parameter from `state_dict` (checked names and shapes), in the model's dtype and backend."""
+        shapes = self.parameter_shapes()
+        missing = sorted(set(shapes) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(shapes))
+        if missing or unexpected:
+            raise ValueError(f"state_dict does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for name, value in state_dict.items():
+            if tuple(value.shape) != shapes[name]:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, the config implies {shapes[name]}")
+            obj, attr = self._slot(name)
+            setattr(obj, attr, self.backend.asarray(value, dtype=self.dtype))
+        return self
+
+    def to(self, backend=None, dtype=None, impl=None):
+        """Move the weights to another backend ("numpy" / "cupy") and/or dtype."""
+        state = {name: self.backend.to_numpy(value) for name, value in self.state_dict().items()}
+        self._setup(self.config, dtype or self.dtype, backend or self.backend.name, impl)
+        self._set_kernels(self.kernels)
+        return self.load_state_dict(state)
+
+    def save_pretrained(self, folder):
+        """config.json + model.safetensors (float32 or float64), loadable by transformers."""
+        from .weights import save_pretrained
+
+        state = {self.prefix + name: self.backend.to_numpy(v) for name, v in self.state_dict().items()}
+        save_pretrained(folder, self.config, state)
+
+    def num_parameters(self) -> int:
+        return sum(math.prod(shape) for shape in self.parameter_shapes().values())
+
+
+class MambaModel(_Pretrained):
+    """Embeddings, the stack of blocks and the final RMSNorm (no head)."""
+
+    prefix = "backbone."
+
+    def __init__(self, config: MambaConfig, dtype="float32", backend="numpy", impl=None, init=True, seed=0):
+        self._setup(config, dtype, backend, impl)
+        self.embeddings_weight = None  # (V, d)
+        self.layers = [MambaBlock(config, i, self.kernels) for i in range(config.num_hidden_layers)]
+        self.norm_f_weight = None  # (d,)
+        if init:
+            self.load_state_dict({name[len(self.prefix):]: v for name, v in init_weights(config, seed).items()
+                                  if name.startswith(self.prefix)})
+
+    def _set_kernels(self, kernels):
+        for layer in self.layers:
+            layer.mixer.kernels = kernels
+
+    def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache_params=None,
+                 use_cache=False, output_hidden_states=False):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            input_ids = check_input_ids(input_ids, self.config.vocab_size)
+            hidden_states = self.embeddings_weight[self.backend.asarray(input_ids)]  # (b, l, d)
+        else:
+            hidden_states = self.backend.asarray(inputs_embeds, dtype=self.dtype)
+            if hidden_states.ndim != 3 or hidden_states.shape[2] != self.config.hidden_size or hidden_states.shape[1] == 0:
+                raise ValueError(f"inputs_embeds has shape {tuple(hidden_states.shape)}, "
+                                 f"expected (batch, length >= 1, {self.config.hidden_size})")
+        b, l = hidden_states.shape[:2]
+
+        if use_cache and cache_params is None:
+            cache_params = MambaCache(self.config, b, dtype=self.dtype, backend=self.backend)
+        if cache_params is not None and cache_params.max_batch_size != b:
+            raise ValueError(f"cache_params holds {cache_params.max_batch_size} rows but the input has {b}")
+        mask = check_attention_mask(attention_mask, (b, l), cache_params)
+        mask = None if mask is None else self.backend.asarray(mask, dtype=self.dtype)
+
+        all_hidden_states = [] if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, cache_params, mask)  # (b, l, d)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+        hidden_states = rms_norm(hidden_states, self.norm_f_weight, self.config.layer_norm_epsilon)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+        if cache_params is not None:
+            cache_params.seqlen_offset += l
+        return MambaOutput(last_hidden_state=hidden_states, cache_params=cache_params if use_cache else None,
+                           hidden_states=tuple(all_hidden_states) if output_hidden_states else None)
+
+
+class MambaForCausalLM(_Pretrained):
+    """MambaModel plus the language-model head (tied to the embeddings unless the config says not)."""
+
+    prefix = ""
+
+    def __init__(self, config: MambaConfig, dtype="float32", backend="numpy", impl=None, init=True, seed=0):
+        self._setup(config, dtype, backend, impl)
+        self.backbone = MambaModel(config, dtype, self.backend, impl, init=False)
+        self.lm_head_weight = None  # (V, d), only when untied
+        if init:
+            self.load_state_dict(init_weights(config, seed))
+
+    def _set_kernels(self, kernels):
+        self.backbone._set_kernels(kernels)
+        self.backbone.kernels = kernels
+
+    def _setup(self, config, dtype, backend, impl):
+        super()._setup(config, dtype, backend, impl)
+        if hasattr(self, "backbone"):  # .to(): the backbone follows
+            self.backbone._setup(config, dtype, self.backend, impl)
+
+    @property
+    def head_weight(self):
+        return self.backbone.embeddings_weight if self.config.tie_word_embeddings else self.lm_head_weight
+
+    def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache_params=None,
+                 use_cache=False, output_hidden_states=False, labels=None, logits_to_keep=0):
+        """logits (b, l, V); `logits_to_keep=1` computes them for the last position only."""
+        outputs = self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                cache_params=cache_params, use_cache=use_cache,
+                                output_hidden_states=output_hidden_states)
+        hidden_states = outputs.last_hidden_state  # (b, l, d)
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = hidden_states @ self.head_weight.T  # (b, l, V)
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position; leave logits_to_keep at 0")
+            loss = causal_lm_loss(logits, labels, self.config.vocab_size, self.backend)
+        return MambaCausalLMOutput(loss=loss, logits=logits, cache_params=outputs.cache_params,
+                                   hidden_states=outputs.hidden_states)
+
+    def generate(self, input_ids, **kwargs):
+        """Prefill once, then one token at a time through the cache; see minimamba.generation."""
+        from .generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+
+# ---------------------------------------------------------------- input checks and loss
+
+
+def check_input_ids(input_ids, vocab_size):
+    """(b, l) integer ids in [0, V); a 1-D sequence is taken as a batch of one."""
+    if hasattr(input_ids, "get") and not isinstance(input_ids, dict):  # CuPy: check on the host
+        input_ids = input_ids.get()
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must have shape (batch, length), got {ids.shape}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {ids.shape}); give at least one token per row")
+    if not np.issubdtype(ids.dtype, np.integer):
+        if ids.dtype == object or not np.all(np.equal(np.mod(ids, 1), 0)):
+            raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise ValueError(f"token id {int(ids[row, col])} at (row {row}, position {col}) is out of range "
+                         f"[0, {vocab_size}) for this model's vocab_size")
+    return ids.astype(np.int64, copy=False)
+
+
+def check_attention_mask(attention_mask, shape, cache_params):
+    """A 0/1 mask of the ids' shape, left padding only; None when it masks nothing."""
+    if attention_mask is None:
+        return None
+    if hasattr(attention_mask, "get"):
+        attention_mask = attention_mask.get()
+    mask = np.asarray(attention_mask)
+    if mask.ndim == 1:
+        mask = mask[None, :]
+    if mask.shape != tuple(shape):
+        raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {tuple(shape)}")
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    if mask.all():
+        return None
+    if (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+        row = int(np.argwhere(np.diff(mask.astype(np.int8), axis=1) < 0)[0, 0])
+        raise ValueError(f"attention_mask row {row} has padding after a token (right padding). Mamba carries a "
+                         "state left to right, so pad on the left: padding_side='left'")
+    if not mask.any(axis=1).all():
+        raise ValueError(f"attention_mask row {int(np.argmin(mask.any(axis=1)))} has no tokens at all")
+    if cache_params is not None and cache_params.seqlen_offset > 0:
+        raise ValueError("padding in a continuation: the cache already holds tokens, so this chunk cannot "
+                         "start with padding")
+    return mask
+
+
+def causal_lm_loss(logits, labels, vocab_size, backend):
+    """Mean next-token cross-entropy: logits[:, :-1] against labels[:, 1:], ignoring -100."""
+    xp = backend.xp
+    if hasattr(labels, "get"):
+        labels = labels.get()
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        labels = labels[None, :]
+    if labels.shape != tuple(logits.shape[:2]):
+        raise ValueError(f"labels has shape {labels.shape} but the logits cover {tuple(logits.shape[:2])}")
+    bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+    if bad.any():
+        raise ValueError(f"label {int(labels[bad][0])} is out of range [0, {vocab_size}) and is not -100")
+    target = labels[:, 1:].reshape(-1)  # (b * (l-1),)
+    counted = target != -100
+    if not counted.any():
+        return xp.asarray(float("nan"), dtype=logits.dtype)  # as torch: 0/0
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])[backend.asarray(np.flatnonzero(counted))]  # (t, V)
+    top = flat.max(axis=-1, keepdims=True)
+    log_z = xp.log(xp.exp(flat - top).sum(axis=-1)) + top[:, 0]  # (t,) logsumexp
+    picked = flat[xp.arange(flat.shape[0]), backend.asarray(target[counted])]  # (t,)
+    return (log_z - picked).mean()
+
+
+# ---------------------------------------------------------------- initialisation
+
+
+def init_weights(config: MambaConfig, seed=0) -> dict:
+    """Random weights with transformers' initialisation (MambaPreTrainedModel._init_weights)."""
+    rng = np.random.default_rng(seed)
+    std = config.initializer_range
+    e, n, r, k = config.intermediate_size, config.state_size, config.time_step_rank, config.conv_kernel
+    out = {}
+    for name, shape in expected_shapes(config).items():
+        if name.endswith(("norm.weight", "norm_f.weight")) or name.endswith("mixer.D"):
+            value = np.ones(shape)
+        elif name.endswith("A_log"):
+            value = np.log(np.broadcast_to(np.arange(1, n + 1, dtype=np.float64), (e, n)))  # S4D-real
+        elif name.endswith("dt_proj.weight"):
+            dt_std = r ** -0.5 * config.time_step_scale
+            value = rng.uniform(-dt_std, dt_std, shape)
+        elif name.endswith("dt_proj.bias"):  # softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max]
+            lo, hi = math.log(config.time_step_min), math.log(config.time_step_max)
+            dt = np.maximum(np.exp(rng.uniform(lo, hi, shape)), config.time_step_floor)
+            value = dt + np.log(-np.expm1(-dt))
+        elif name.endswith("conv1d.weight"):
+            bound = 1 / math.sqrt(k)  # kaiming_uniform(a=sqrt(5)) with fan_in = k
+            value = rng.uniform(-bound, bound, shape)
+        elif name.endswith("out_proj.weight"):
+            bound = 1 / math.sqrt(e)
+            value = rng.uniform(-bound, bound, shape)
+            if config.rescale_prenorm_residual:
+                value /= math.sqrt(config.num_hidden_layers)
+        elif name.endswith("bias"):
+            value = np.zeros(shape)
+        else:  # embeddings, in_proj, x_proj, lm_head
+            value = rng.normal(0.0, std, shape)
+        out[name] = value.astype(np.float32)
+    return out
