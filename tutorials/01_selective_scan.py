@@ -81,8 +81,8 @@ def save(fig, name):
 #   $\bar b = \frac{e^{\Delta a} - 1}{a}\, b$;
 # * **Euler** for $b$: $\bar b \approx \Delta\, b$.
 #
-# Mamba uses ZOH for $a$ and Euler for $b$ (Section 2, Eq. 4 of the paper; the official
-# kernel does exactly this). In Mamba `dt`, `b` and `c` change at every token: they are
+# The paper's Eq. (4) writes ZOH for both; the official kernel (and transformers, and
+# minimamba) use ZOH for $a$ and the simpler Euler step for $b$, so we do too. In Mamba `dt`, `b` and `c` change at every token: they are
 # computed from the input, which is what makes the scan *selective*. So the loop takes
 # them as sequences.
 

@@ -83,7 +83,7 @@ def softplus(v):
 # %%
 config = MambaConfig(vocab_size=97, hidden_size=24, state_size=6, num_hidden_layers=2,
                      conv_kernel=4, expand=2)  # time_step_rank "auto" = ceil(24 / 16) = 2
-model = MambaForCausalLM(config, dtype="float64", seed=0)
+model = MambaForCausalLM(config, dtype="float64", seed=0, impl="numpy")  # minimamba.ops, the readable path
 d, e, n, k, r = (config.hidden_size, config.intermediate_size, config.state_size,
                  config.conv_kernel, config.time_step_rank)
 print(f"d={d} e={e} n={n} k={k} r={r}")
@@ -261,7 +261,7 @@ logits = hs @ weights["backbone.embeddings.weight"].T  # (b, l, V): the head is 
 
 check("logits vs model(input_ids).logits, float64", logits, model(input_ids).logits, rtol=1e3 * EPS64)
 
-model32 = MambaForCausalLM(config, dtype="float32", seed=0)  # the same seed: the same weights, rounded
+model32 = MambaForCausalLM(config, dtype="float32", seed=0, impl="numpy")  # the same seed: the same weights, rounded
 logits32 = model32(input_ids).logits
 assert logits32.dtype == np.float32
 # float32 rounds every weight (eps32 / 2 relative) and every op; a few tens of ops in a chain over
