@@ -82,9 +82,10 @@ def save(fig, name):
 # * **Euler** for $b$: $\bar b \approx \Delta\, b$.
 #
 # The paper's Eq. (4) writes ZOH for both; the official kernel (and transformers, and
-# minimamba) use ZOH for $a$ and the simpler Euler step for $b$, so we do too. In Mamba `dt`, `b` and `c` change at every token: they are
-# computed from the input, which is what makes the scan *selective*. So the loop takes
-# them as sequences.
+# minimamba) use ZOH for $a$ and the simpler Euler step for $b$, so we do too.
+#
+# In Mamba `dt`, `b` and `c` change at every token: they are computed from the input,
+# which is what makes the scan *selective*. So the loop takes them as sequences.
 
 # %%
 def scan_1d(x, dt, a, b, c):
@@ -346,9 +347,10 @@ assert np.exp(np.float32(-110.0)) == 0.0
 # **The unstable "closed form".** With $P_t = \prod_{j \le t} \alpha_j$ (a `cumprod`),
 # the recurrence unrolls to $h_t = P_t \sum_{s \le t} \beta_s / P_s$: no loop, just
 # `cumprod` and `cumsum`. It is exact on paper and broken in floating point: $P_t$ decays
-# geometrically, so it underflows to 0 after a few hundred tokens, and then
-# $\beta_s / P_s = \infty$ and $0 \cdot \infty$ = NaN. With a selective `dt` it is worse:
-# one token with $\Delta |A| > 104$ zeroes $P$ in float32 at once. (The safe ways are the
+# geometrically, so after a few hundred tokens $1/P_s$ overflows (and $P_t$ underflows):
+# $\beta_s / P_s = \pm\infty$, and $\infty - \infty$ or $0 \cdot \infty$ is NaN.
+# With a selective `dt` it is worse: one token with $\Delta |A| > 104$ zeroes $P$ in
+# float32 at once. (The safe ways are the
 # loop, the associative scan, or differences of `cumsum(log alpha)` inside short chunks.)
 #
 # **float32 error growth.** Rounding errors in the loop are multiplied by the decay at
@@ -365,10 +367,10 @@ def closed_form(alpha, beta):
 
 lengths = np.array([25, 50, 100, 200, 400, 800, 1600, 3200])
 l_max = lengths[-1]
-decay_rate = 0.3  # dt*|a| per step: P_t = exp(-0.3 t) underflows float32 at t ~ 350, float64 at t ~ 2500
+decay_rate = 0.3  # dt*|a| per step: 1/P_t = exp(0.3 t) overflows float32 at t ~ 296 (e^88.7), float64 at ~ 2366
 xs = rng.normal(size=l_max)
-alpha64, beta64 = np.full(l_max, np.exp(-decay_rate)), 0.3 * xs
-h_true = scan_1d(xs, np.full(l_max, 0.3), -1.0, np.ones(l_max), np.ones(l_max))  # the float64 loop
+alpha64, beta64 = np.full(l_max, np.exp(-decay_rate)), decay_rate * xs  # a = -1, b = 1, dt = decay_rate
+h_true = scan_1d(xs, np.full(l_max, decay_rate), -1.0, np.ones(l_max), np.ones(l_max))  # the float64 loop
 closed_err = {}
 for dtype in (np.float32, np.float64):
     h_closed = closed_form(alpha64.astype(dtype), beta64.astype(dtype))
@@ -393,7 +395,8 @@ for rate in (0.3, 0.03, 0.003):
     horizon = min(l_max, 1 / rate)
     print(f"float32 loop, dt|a| = {rate}: max rel err {f32_err[rate].max():.1e}   "
           f"eps32 x memory length = {EPS32 * horizon:.1e}")
-    # rounding bound: each step adds <= ~2 eps32 of |h|, kept for ~horizon steps
+    # a few roundings per step (eps32 / 2 each, inputs included), each then decaying like the
+    # state: they add up over ~horizon steps to ~2 eps32 x horizon of max|h|; twice that allowed
     assert f32_err[rate].max() <= 4 * EPS32 * horizon
 
 fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
@@ -407,7 +410,7 @@ axes[0].text(lengths[0], 10.0, "x = NaN", va="center", fontsize=8)
 axes[0].set_ylim(1e-17, 1e3)
 axes[0].set_xlabel("sequence length")
 axes[0].set_ylabel("max rel error vs the float64 loop")
-axes[0].set_title("cumprod 'closed form': exact until P_t underflows, then NaN", fontsize=9)
+axes[0].set_title("cumprod 'closed form': exact until 1/P_t overflows, then NaN", fontsize=9)
 axes[0].legend(fontsize=8, loc="center right")
 for rate, err in f32_err.items():
     axes[1].semilogy(np.arange(1, l_max + 1), np.maximum.accumulate(err),
