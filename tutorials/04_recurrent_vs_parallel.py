@@ -231,7 +231,8 @@ assert used == 2 * layers_small * d_small * 8 * tf.length  # K and V: 2 x layers
 
 # %% [markdown]
 # Now the timing. Mamba's context is a real prefill of L random tokens (linear in L,
-# so cheap); the transformer's cache is filled by `fill`.
+# so cheap); the transformer's cache is filled by `fill`. One cache per context length,
+# so the measurements can take turns.
 
 # %%
 contexts = [256, 1024, 4096, 16384]
@@ -239,31 +240,37 @@ n_steps = 25
 config_small = MambaConfig(vocab_size=vocab_small, hidden_size=d_small, state_size=16,
                            num_hidden_layers=layers_small, conv_kernel=4)
 mamba_small = MambaForCausalLM(config_small, dtype="float32", seed=0, impl="numpy")
-tf_small = TinyTransformer(vocab_small, d_small, layers_small, n_head=4, max_len=contexts[-1] + n_steps,
-                           dtype=np.float32, rng=rng)
 
-
-def median_step_time(step):
-    times = []
-    for _ in range(n_steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-mamba_ms, attention_ms, mamba_cache_mb, kv_cache_mb = [], [], [], []
+caches, transformers = {}, {}
 for context in contexts:
     prompt = rng.integers(0, vocab_small, size=(1, context))
-    cache = mamba_small(prompt, use_cache=True, logits_to_keep=1).cache_params  # prefill
-    next_token = prompt[:, -1:]
-    mamba_ms.append(1e3 * median_step_time(lambda: mamba_small(next_token, cache_params=cache, use_cache=True)))
-    mamba_cache_mb.append(cache.nbytes() / 1e6)
-    tf_small.fill(context, rng)
-    kv_cache_mb.append((tf_small.K[:, :, :context].nbytes + tf_small.V[:, :, :context].nbytes) / 1e6)
-    attention_ms.append(1e3 * median_step_time(lambda: tf_small.step(7)))
-    print(f"context {context:>6}: Mamba {mamba_ms[-1]:.3f} ms/token, cache {mamba_cache_mb[-1]:.3f} MB   |   "
-          f"attention {attention_ms[-1]:.3f} ms/token, KV cache {kv_cache_mb[-1]:.2f} MB")
+    caches[context] = mamba_small(prompt, use_cache=True, logits_to_keep=1).cache_params  # prefill
+    transformers[context] = TinyTransformer(vocab_small, d_small, layers_small, n_head=4,  # same weights each
+                                            max_len=context + n_steps, dtype=np.float32,
+                                            rng=np.random.default_rng(1))
+    transformers[context].fill(context, rng)
+mamba_cache_mb = [caches[c].nbytes() / 1e6 for c in contexts]
+kv_cache_mb = [(transformers[c].K[:, :, :c].nbytes + transformers[c].V[:, :, :c].nbytes) / 1e6 for c in contexts]
+
+
+def timed(step):
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+# Rounds that visit every context in turn, so a burst of load on the machine hits all of them alike.
+times = {(kind, c): [] for kind in ("mamba", "attention") for c in contexts}
+token = np.array([[7]])
+for _ in range(n_steps):
+    for c in contexts:
+        times["mamba", c].append(timed(lambda: mamba_small(token, cache_params=caches[c], use_cache=True)))
+        times["attention", c].append(timed(lambda: transformers[c].step(7)))
+mamba_ms = [1e3 * float(np.median(times["mamba", c])) for c in contexts]
+attention_ms = [1e3 * float(np.median(times["attention", c])) for c in contexts]
+for i, c in enumerate(contexts):
+    print(f"context {c:>6}: Mamba {mamba_ms[i]:.3f} ms/token, cache {mamba_cache_mb[i]:.3f} MB   |   "
+          f"attention {attention_ms[i]:.3f} ms/token, KV cache {kv_cache_mb[i]:.2f} MB")
 
 assert len(set(mamba_cache_mb)) == 1  # the same bytes after 256 or 16384 tokens
 # Constant in theory; a factor 3 allows for timing noise on a busy machine.
