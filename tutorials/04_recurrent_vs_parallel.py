@@ -40,6 +40,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minimamba import MambaCache, MambaConfig, MambaForCausalLM
+from minimamba.ops import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
 
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 FIGURES = Path(os.environ.get("MINIMAMBA_FIGURES_DIR", HERE / "figures"))
@@ -67,9 +68,41 @@ def save(fig, name):
 
 
 # %% [markdown]
-# ## 1. Prefill and step-by-step give the same numbers
+# ## 1. The two state-carrying pieces, one step at a time
 #
-# A small random-weight model in float64. `model(ids)` is the parallel pass.
+# Only two parts of a Mamba layer look at other tokens: the causal conv (the last `k`
+# inputs) and the scan (the state `h`). Each has a whole-sequence function and a one-step
+# function in `minimamba.ops` that reads and updates a state in place. Stepping through
+# the sequence with the one-step function must reproduce the whole-sequence one.
+
+# %%
+bsz, e, n, k, l = 2, 5, 3, 4, 9
+x = rng.normal(size=(bsz, e, l))  # (b, e, l)
+w_conv, bias_conv = rng.normal(size=(e, k)), rng.normal(size=e)  # (e, k), (e,)
+delta, z = rng.normal(size=(bsz, e, l)), rng.normal(size=(bsz, e, l))  # (b, e, l) each
+A = -np.exp(rng.normal(size=(e, n)))  # (e, n)
+B, C = rng.normal(size=(bsz, n, l)), rng.normal(size=(bsz, n, l))  # (b, n, l) each
+D, dt_bias = rng.normal(size=e), rng.normal(size=e)  # (e,) each
+
+conv_parallel = causal_conv1d_fn(x, w_conv, bias_conv, activation="silu")  # (b, e, l)
+scan_parallel = selective_scan_fn(conv_parallel, delta, A, B, C, D=D, z=z, delta_bias=dt_bias,
+                                  delta_softplus=True)  # (b, e, l)
+
+conv_state = np.zeros((bsz, e, k))  # (b, e, k): the last k inputs; zeros = the padding of a fresh sequence
+ssm_state = np.zeros((bsz, e, n))  # (b, e, n): h
+scan_steps = np.zeros((bsz, e, l))  # (b, e, l)
+for t in range(l):
+    xc = causal_conv1d_update(x[:, :, t], conv_state, w_conv, bias_conv, activation="silu")  # (b, e)
+    scan_steps[:, :, t] = selective_state_update(ssm_state, xc, delta[:, :, t], A, B[:, :, t], C[:, :, t], D=D,
+                                                 z=z[:, :, t], dt_bias=dt_bias, dt_softplus=True)  # (b, e)
+# float64, identical arithmetic per step: agreement to a few roundings
+check("conv + scan step by step vs whole sequence", scan_steps, scan_parallel, rtol=100 * EPS64)
+assert np.array_equal(conv_state[:, :, -1], x[:, :, -1])  # the conv state ends with the newest input
+
+# %% [markdown]
+# ## 2. Prefill and step-by-step give the same numbers
+#
+# The same in the whole model. A small random-weight model in float64. `model(ids)` is the parallel pass.
 # For the recurrent pass we make a `MambaCache` and feed one token per call with
 # `cache_params=cache`: each layer then runs one step of the conv
 # (`causal_conv1d_update`) and one step of the scan (`selective_state_update`).
@@ -121,7 +154,7 @@ steps32 = np.concatenate([model32(ids[:, t:t + 1], cache_params=cache32, use_cac
 check("step-by-step float32 vs parallel float64", steps32, logits_parallel, rtol=100 * EPS32)
 
 # %% [markdown]
-# ## 2. Memory: a fixed-size state vs a growing KV cache
+# ## 3. Memory: a fixed-size state vs a growing KV cache
 #
 # The cache holds, per layer, `conv_states` (b, e, k) and `ssm_states` (b, e, n), and
 # nothing else: the whole past is summarised in `e * (k + n)` numbers per layer. A
@@ -148,7 +181,7 @@ print(f"Mamba-130m cache: {mamba_bytes / 1e6:.2f} MB at any length; "
 print(f"the KV cache is larger beyond {crossover:.0f} tokens")
 
 # %% [markdown]
-# ## 3. Time per token
+# ## 4. Time per token
 #
 # Memory also sets the time: a decode step reads the whole cache. Mamba's step does the
 # same work at any context length; an attention step compares the new query with every
