@@ -231,21 +231,22 @@ def mamba_block(hidden, W, config):
     """hidden (b, l, d) -> (b, l, d): the lines above, without the checks."""
     e, n, k, r = config.intermediate_size, config.state_size, config.conv_kernel, config.time_step_rank
     l = hidden.shape[1]
-    normed = hidden / np.sqrt((hidden**2).mean(-1, keepdims=True) + config.layer_norm_epsilon) * W["norm.weight"]
+    normed = hidden / np.sqrt((hidden**2).mean(-1, keepdims=True) + config.layer_norm_epsilon)  # (b, l, d)
+    normed = normed * W["norm.weight"]  # (b, l, d)
     xz = normed @ W["mixer.in_proj.weight"].T  # (b, l, 2e)
     x, z = xz[..., :e], xz[..., e:]  # (b, l, e) each
     x_pad = np.pad(x, ((0, 0), (k - 1, 0), (0, 0)))  # (b, k-1+l, e)
     w_conv = W["mixer.conv1d.weight"][:, 0, :]  # (e, k)
     x = silu(sum(w_conv[:, j] * x_pad[:, j:j + l] for j in range(k)) + W["mixer.conv1d.bias"])  # (b, l, e)
     x_dbl = x @ W["mixer.x_proj.weight"].T  # (b, l, r + 2n)
-    dt_low, B, C = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]
+    dt_low, B, C = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]  # (b, l, r), (b, l, n), (b, l, n)
     dt = softplus(dt_low @ W["mixer.dt_proj.weight"].T + W["mixer.dt_proj.bias"])  # (b, l, e)
     A = -np.exp(W["mixer.A_log"])  # (e, n)
     h = np.zeros((hidden.shape[0], e, n))  # (b, e, n)
     y = np.zeros(x.shape)  # (b, l, e)
     for t in range(l):
-        h = np.exp(dt[:, t, :, None] * A) * h + dt[:, t, :, None] * B[:, t, None, :] * x[:, t, :, None]
-        y[:, t] = (h * C[:, t, None, :]).sum(-1)
+        h = np.exp(dt[:, t, :, None] * A) * h + dt[:, t, :, None] * B[:, t, None, :] * x[:, t, :, None]  # (b, e, n)
+        y[:, t] = (h * C[:, t, None, :]).sum(-1)  # (b, e)
     y = (y + W["mixer.D"] * x) * silu(z)  # (b, l, e)
     return hidden + y @ W["mixer.out_proj.weight"].T  # (b, l, d)
 
@@ -255,8 +256,9 @@ input_ids = rng.integers(0, config.vocab_size, size=(b, l))  # (b, l)
 hs = weights["backbone.embeddings.weight"][input_ids]  # (b, l, d)
 for i in range(config.num_hidden_layers):
     p = f"backbone.layers.{i}."
-    hs = mamba_block(hs, {name[len(p):]: w for name, w in weights.items() if name.startswith(p)}, config)
-hs = hs / np.sqrt((hs**2).mean(-1, keepdims=True) + config.layer_norm_epsilon) * weights["backbone.norm_f.weight"]
+    hs = mamba_block(hs, {name[len(p):]: w for name, w in weights.items() if name.startswith(p)}, config)  # (b, l, d)
+hs = hs / np.sqrt((hs**2).mean(-1, keepdims=True) + config.layer_norm_epsilon)  # (b, l, d)   norm_f
+hs = hs * weights["backbone.norm_f.weight"]  # (b, l, d)
 logits = hs @ weights["backbone.embeddings.weight"].T  # (b, l, V): the head is the embedding matrix
 
 check("logits vs model(input_ids).logits, float64", logits, model(input_ids).logits, rtol=1e3 * EPS64)
