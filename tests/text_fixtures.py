@@ -6,6 +6,7 @@ Import the fixtures into a test module: `from text_fixtures import text_tokenize
 
 import os
 
+import numpy as np
 import pytest
 
 from minimamba import MambaConfig, MambaForCausalLM
@@ -29,13 +30,32 @@ def train_tokenizer(vocab_size=VOCAB_SIZE):
 
 def text_config(vocab_size):
     return MambaConfig(vocab_size=vocab_size, hidden_size=24, state_size=3, num_hidden_layers=2, conv_kernel=3,
-                       time_step_rank=5, expand=2)
+                       time_step_rank=5, expand=2, tie_word_embeddings=False)
+
+
+def text_model_weights(config, seed):
+    """transformers' initialisation plus noise on every tensor. With the initialisation alone a tiny
+    tied model mostly repeats its last token (logits ~ embedding self-similarity), which would make
+    greedy tests trivial; an untied head and noisy weights give varied continuations."""
+    rng = np.random.default_rng(seed + 1)
+    model = MambaForCausalLM(config, seed=seed)
+    state = {}
+    for name, value in model.state_dict().items():
+        value = np.asarray(value, dtype=np.float64)
+        if name.endswith("A_log"):
+            value = value + 0.3 * rng.standard_normal(value.shape)
+        elif name.endswith(("norm.weight", "norm_f.weight", ".D")):
+            value = 1.0 + 0.3 * rng.standard_normal(value.shape)
+        else:
+            value = value + 0.3 * rng.standard_normal(value.shape)
+        state[name] = value.astype(np.float32)
+    return model.load_state_dict(state)
 
 
 def make_text_checkpoint(folder, seed=0):
     """A folder with config.json, model.safetensors and tokenizer.json (vocab sizes equal)."""
     tokenizer = train_tokenizer()
-    model = MambaForCausalLM(text_config(tokenizer.get_vocab_size()), seed=seed)
+    model = text_model_weights(text_config(tokenizer.get_vocab_size()), seed)
     model.save_pretrained(folder)
     tokenizer.save(os.path.join(folder, "tokenizer.json"))
     return folder
