@@ -24,6 +24,7 @@ import numbers
 import numpy as np
 
 from .cache import MambaCache
+from .model import check_input_ids
 
 # ---------------------------------------------------------------- the prompts
 
@@ -235,8 +236,8 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
         streamer: a callable, called with each step's new tokens (b,) int64; or an object
             with put()/end() as transformers' streamers (put gets the prompt (b, p) first).
 
-    Unlike transformers, do_sample=False ignores temperature, top_k, top_p and min_p
-    silently (they are still checked).
+    With do_sample=False, temperature, top_k, top_p and min_p are checked but not used
+    (transformers ignores them too, with a warning).
     """
     eos, pad_token_id = check_generation_args(model, max_new_tokens, do_sample, temperature, top_k, top_p, min_p,
                                               repetition_penalty, eos_token_id, pad_token_id, seed, streamer)
@@ -244,18 +245,15 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
         if attention_mask is not None:
             raise ValueError("prompts of different lengths are left-padded here; pass no attention_mask with them")
         input_ids, attention_mask = left_pad(input_ids, pad_token_id)
-    if hasattr(input_ids, "get") and not isinstance(input_ids, dict):  # CuPy -> host
-        input_ids = input_ids.get()
-    ids = np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None, :]
-    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape (batch, length) with at least one token, got {ids.shape}")
-    ids = ids.astype(np.int64)
+    ids = check_input_ids(input_ids, model.config.vocab_size)  # (b, p) int64, in range; a 1-D prompt is b = 1
     b, p = ids.shape
-    mask = np.ones((b, p), dtype=bool) if attention_mask is None else np.asarray(attention_mask).reshape(b, -1) != 0
-    if mask.shape != (b, p):
-        raise ValueError(f"attention_mask has shape {np.shape(attention_mask)} but input_ids has {(b, p)}")
+    mask = np.ones((b, p), dtype=bool)  # (b, p) which positions are tokens, not padding
+    if attention_mask is not None:
+        attention_mask = np.asarray(attention_mask.get() if hasattr(attention_mask, "get") else attention_mask)
+        attention_mask = attention_mask[None, :] if attention_mask.ndim == 1 else attention_mask
+        if attention_mask.shape != (b, p):
+            raise ValueError(f"attention_mask has shape {attention_mask.shape} but input_ids has {(b, p)}")
+        mask = attention_mask != 0
 
     greedy = not do_sample or temperature == 0
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
@@ -263,16 +261,14 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
     seen = np.zeros((b, V), dtype=bool)  # (b, V) tokens in each row so far, for the repetition penalty
     if repetition_penalty != 1.0:
         rows, cols = np.nonzero(mask)
-        seen[rows, ids[rows, cols].clip(0, V - 1)] = True  # out-of-range ids are refused by the model below
-    tokens = np.empty((b, p + max_new_tokens), dtype=np.int64)  # (b, p + t)
-    tokens[:, :p] = ids
+        seen[rows, ids[rows, cols]] = True
+    new_tokens = []  # t arrays (b,)
     unfinished = np.ones(b, dtype=bool)  # (b,)
     put = streamer if streamer is None or not hasattr(streamer, "put") else streamer.put
     if hasattr(streamer, "put"):
         streamer.put(ids.copy())
     to_numpy = model.backend.to_numpy
 
-    n = 0
     if max_new_tokens > 0:
         # Prefill: the whole prompt in one pass; the cache then holds each row's state.
         cache = MambaCache(model.config, b, dtype=model.dtype, backend=model.backend)
@@ -285,16 +281,18 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
             scores = process_logits(scores, seen, not greedy, temperature, top_k, top_p, min_p, repetition_penalty)
             next_tokens = np.argmax(scores, axis=-1) if greedy else sample(scores, rng)  # (b,)
             next_tokens = np.where(unfinished, next_tokens, pad_token_id).astype(np.int64)  # finished rows pad
-            tokens[:, p + step] = next_tokens
+            new_tokens.append(next_tokens)
             seen[np.arange(b), next_tokens.clip(0, V - 1)] = True
-            n = step + 1
             if put is not None:
                 put(next_tokens.copy())
             unfinished &= ~np.isin(next_tokens, eos)
-            if not unfinished.any() or n == max_new_tokens:
+            if not unfinished.any() or len(new_tokens) == max_new_tokens:
                 break
-            # Decode: one token per row through the cache, constant time and memory.
+            # Decode: one token per row through the cache, constant time and memory. Finished rows
+            # still ride along (their pad tokens keep the batch rectangular).
             out = model(next_tokens[:, None], cache_params=cache, use_cache=True, logits_to_keep=1)
     if hasattr(streamer, "end"):
         streamer.end()
-    return tokens[:, :p + n]
+    if not new_tokens:
+        return ids
+    return np.concatenate([ids, np.stack(new_tokens, axis=1)], axis=1)  # (b, p + t)

@@ -324,3 +324,12 @@ def test_bad_prompts(text_model):
         generate(text_model, np.array([[1, 2, 3]]), attention_mask=np.array([[1, 1, 0]]))
     with pytest.raises(ValueError, match="empty"):
         generate(text_model, [[1, 2], []])
+
+
+def test_float_or_bad_mask_prompts_are_refused(text_model):
+    with pytest.raises(ValueError, match="integers"):
+        generate(text_model, np.array([[1.5, 2.0]]))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        generate(text_model, np.array([[1, 2, 3]]), attention_mask=np.ones((1, 2)))
+    with pytest.raises(ValueError, match="only 0"):
+        generate(text_model, np.array([[1, 2, 3]]), attention_mask=np.array([[0, 2, 1]]))
