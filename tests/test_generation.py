@@ -187,6 +187,18 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert np.isfinite(top_p_filter(scores, 1.0)).all()
 
 
+def test_top_p_partial_sort_equals_full_sort():
+    """top_p_filter sorts only the most likely `candidates` tokens (growing 8x while they hold < top_p);
+    with few candidates every path is taken, and the kept set equals the full sort's."""
+    rng = np.random.default_rng(5)
+    for case in range(200):
+        x = rng.normal(0, rng.choice([0.1, 1.0, 4.0]), size=(int(rng.integers(1, 4)), int(rng.integers(2, 300))))
+        top_p = float(rng.choice([0.3, 0.9, 0.99]))
+        full = np.isfinite(top_p_filter(x, top_p, candidates=10**9))
+        for candidates in (1, 2, 7):
+            assert np.array_equal(np.isfinite(top_p_filter(x, top_p, candidates=candidates)), full), case
+
+
 def test_top_k_keeps_ties():
     assert np.isfinite(top_k_filter(np.array([[1.0, 3.0, 3.0, 2.0]]), 1)).tolist() == [[False, True, True, False]]
 
