@@ -30,6 +30,14 @@ def _key(path):
     return os.path.abspath(path) if os.path.exists(path) else path
 
 
+@functools.lru_cache(maxsize=16)
+def _resolve(path):
+    """The local folder of a checkpoint folder or Hub repo (the cache, else a download)."""
+    from .weights import resolve_model_dir
+
+    return resolve_model_dir(path)
+
+
 @functools.lru_cache(maxsize=4)
 def _load_model(path, dtype, backend, impl):
     from .model import MambaForCausalLM
@@ -54,10 +62,10 @@ def load(model=None, tokenizer=None, dtype="float32", backend="numpy", impl=None
     from .tokenizer import Tokenizer
 
     if not isinstance(model, MambaForCausalLM):
-        path = builtin_model_dir() if model is None else _key(model)
+        folder = _key(builtin_model_dir() if model is None else _resolve(_key(model)))
         if tokenizer is None:
-            tokenizer = _load_tokenizer(path)  # first: a missing tokenizer fails before the weights load
-        model = _load_model(path, dtype, backend, impl)
+            tokenizer = _load_tokenizer(folder)  # first: a missing tokenizer fails before the weights load
+        model = _load_model(folder, dtype, backend, impl)
     if tokenizer is None:
         if getattr(model, "folder", None) is None:
             raise ValueError("this model was not loaded from a folder; pass tokenizer= as well")

@@ -43,21 +43,31 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, revision=None, cache_dir=None):
-        """`tokenizer.json` from a model folder, a path to the file itself, or a Hub repo id."""
-        from .weights import resolve_model_dir
+        """`tokenizer.json` from a model folder, a path to the file itself, or a Hub repo id.
 
+        From the Hub only tokenizer.json is fetched (never the weights), from the
+        Hugging Face cache first, then online unless HF_HUB_OFFLINE is set.
+        """
         path = os.fspath(path_or_repo_id)
         if os.path.isfile(path):
             return cls.from_file(path)
-        folder = resolve_model_dir(path, revision=revision, cache_dir=cache_dir)
-        file = os.path.join(folder, "tokenizer.json")
-        if not os.path.isfile(file):
-            raise FileNotFoundError(
-                f"{folder} has no tokenizer.json. The state-spaces checkpoints use the GPT-NeoX tokenizer: "
-                "copy tokenizer.json from EleutherAI/gpt-neox-20b (or a state-spaces/mamba-*-hf repo) into the "
-                "folder, or name a tokenizer separately (tokenizer=..., or --tokenizer on the command line)")
+        if os.path.isdir(path):
+            file = os.path.join(path, "tokenizer.json")
+            if not os.path.isfile(file):
+                raise FileNotFoundError(
+                    f"{path} has no tokenizer.json. The state-spaces checkpoints use the GPT-NeoX tokenizer: "
+                    "copy tokenizer.json from EleutherAI/gpt-neox-20b (or a state-spaces/mamba-*-hf repo) into "
+                    "the folder, or name a tokenizer separately (tokenizer=..., or --tokenizer on the command line)")
+        else:
+            from .weights import CheckpointError
+
+            try:
+                file = hub_file(path, "tokenizer.json", revision=revision, cache_dir=cache_dir)
+            except CheckpointError as err:
+                raise CheckpointError(f"{err}. (The state-spaces checkpoints use the GPT-NeoX tokenizer, "
+                                      "EleutherAI/gpt-neox-20b.)") from None
         tokenizer = cls.from_file(file)
-        tokenizer.name_or_path = str(path_or_repo_id)
+        tokenizer.name_or_path = path
         return tokenizer
 
     @property
@@ -95,6 +105,29 @@ class Tokenizer:
 
     def __repr__(self):
         return f"Tokenizer({self.name_or_path!r}, vocab_size={self.vocab_size})"
+
+
+def hub_file(repo_id, filename, revision=None, cache_dir=None) -> str:
+    """One file of a Hub repo: from the Hugging Face cache, else downloaded (unless HF_HUB_OFFLINE)."""
+    from .weights import CheckpointError
+
+    looked = [f"locally: no file or folder {repo_id!r}"]
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise CheckpointError(f"tokenizer not found. Looked {looked[0]}; it is not a Hub repo id (owner/name) either")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - huggingface_hub raises several kinds
+        looked.append(f"in the Hugging Face cache: {type(err).__name__}")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        looked.append("online: skipped because HF_HUB_OFFLINE is set")
+    else:
+        try:
+            return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+        except Exception as err:  # noqa: BLE001
+            looked.append(f"online: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    raise CheckpointError(f"{filename} of {repo_id!r} not found. Looked " + "; ".join(looked))
 
 
 class StreamDecoder:

@@ -65,6 +65,23 @@ def test_bad_input_exits_with_a_message(text_checkpoint, args, message):
     assert "Traceback" not in run.stderr
 
 
+def test_hub_repo_id_from_the_cache(tmp_path, text_checkpoint):
+    """`--model owner/name` found in the Hugging Face cache (laid out as huggingface_hub does), offline."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--someone--tiny-text"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(text_checkpoint, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = dict(ENV, HF_HUB_CACHE=str(tmp_path / "hub"))
+    run = subprocess.run([sys.executable, "-m", "minimamba.cli", "generate", "ROMEO:", "--model", "someone/tiny-text",
+                          "--max-new-tokens", "5", "--temperature", "0", "--ignore-eos", "--impl", "numpy"],
+                         capture_output=True, text=True, encoding="utf-8", env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == generate_text("ROMEO:", model=text_checkpoint, max_new_tokens=5, eos_token_id=[]) + "\n"
+
+
 def test_folder_without_tokenizer(tmp_path, text_checkpoint):
     folder = tmp_path / "weights-only"
     folder.mkdir()

@@ -145,3 +145,12 @@ def test_generate_text_bad_prompt(text_checkpoint):
         generate_text(["a", 3], model=text_checkpoint)
     with pytest.raises(ValueError, match="encodes to no tokens"):
         generate_text("", model=text_checkpoint)
+
+
+def test_tokenizer_from_an_unknown_repo_says_where_it_looked():
+    from minimamba.weights import CheckpointError
+
+    with pytest.raises(CheckpointError, match="in the Hugging Face cache.*online: skipped because HF_HUB_OFFLINE"):
+        Tokenizer.from_pretrained("nobody/no-such-tokenizer")
+    with pytest.raises(CheckpointError, match="not a Hub repo id"):
+        Tokenizer.from_pretrained("./no/such/dir")
