@@ -106,7 +106,8 @@ def reference_allowed(x, temperature, top_k, top_p, min_p, tol):
     tol > 0 gives a superset of the exact answer (ties and rounding resolved in favour
     of keeping), tol < 0 a subset; the implementation's set must lie between them.
     """
-    s = [v / temperature for v in x]
+    m0 = max(x)  # shift by the row max before dividing, as apply_temperature does (same softmax;
+    s = [(v - m0) / temperature for v in x]  # rounding of the shift can create ties, which top_k keeps)
     alive = set(range(len(s)))
     if top_k:
         kth = sorted(s, reverse=True)[min(top_k, len(s)) - 1]
