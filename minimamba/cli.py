@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from .generate_cli import add_generate_parser
+
 
 def cmd_info(args):
     from .config import MambaConfig
@@ -41,6 +43,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     # Each command lives beside the code it drives; its module adds its own subparser.
     add_info_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 
