@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .generate_cli import add_generate_parser
@@ -54,6 +55,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
         print(f"minimamba {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `minimamba info ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
