@@ -40,6 +40,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     # Each command lives beside the code it drives; its module adds its own subparser.
     add_info_parser(sub)
+    from .bench import add_bench_parser; add_bench_parser(sub)
     return parser
 
 
