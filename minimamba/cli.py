@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from .bench import add_bench_parser
 from .generate_cli import add_generate_parser
 
 
@@ -44,6 +45,7 @@ def build_parser():
     # Each command lives beside the code it drives; its module adds its own subparser.
     add_info_parser(sub)
     add_generate_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

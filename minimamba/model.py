@@ -57,9 +57,21 @@ class MambaMixer:
         self.conv1d_weight = self.conv1d_bias = None  # (e, 1, k), (e,)
         self.x_proj_weight = None  # (r + 2n, e)
         self.dt_proj_weight = self.dt_proj_bias = None  # (e, r), (e,)
-        self.A_log = None  # (e, n)
+        self.A_log = None  # (e, n); setting it also sets A = -exp(A_log), see below
         self.D = None  # (e,)
         self.out_proj_weight = self.out_proj_bias = None  # (d, e), (d,)
+
+    @property
+    def A_log(self):
+        return self._A_log
+
+    @A_log.setter
+    def A_log(self, value):
+        # A = -exp(A_log): negative real, so exp(dt A) < 1 decays the state.
+        # Kept beside A_log, not recomputed at every decode step.
+        # NOTE: assign A_log (load_state_dict does) to refresh A; an in-place edit of the array does not.
+        self._A_log = value
+        self.A = None if value is None else -array_module(value).exp(value)  # (e, n)
 
     def __call__(self, hidden_states, cache_params=None, attention_mask=None):
         """hidden_states (b, l, d) -> (b, l, d). Reads and updates `cache_params` when given."""
@@ -91,7 +103,7 @@ class MambaMixer:
         x_dbl = x.transpose(0, 2, 1) @ self.x_proj_weight.T  # (b, l, r + 2n)
         dt, B, C = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]  # (b, l, r), (b, l, n), (b, l, n)
         dt = dt @ self.dt_proj_weight.T  # (b, l, e); its bias is added inside the softplus
-        A = -array_module(self.A_log).exp(self.A_log)  # (e, n): negative real, so exp(dt A) < 1 decays the state
+        A = self.A  # (e, n) = -exp(A_log)
 
         # 4. Selective scan: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t;  y_t = C_t . h_t + D x_t;  y * silu(z)
         if cache_params is not None and l == 1:  # decode: one step of the recurrence
@@ -210,6 +222,7 @@ class MambaModel(_Pretrained):
     """Embeddings, the stack of blocks and the final RMSNorm (no head)."""
 
     prefix = "backbone."
+    prefill_chunk_size = 2048  # longer inputs run in chunks of this many tokens (None: one pass)
 
     def __init__(self, config: MambaConfig, dtype="float32", backend="numpy", impl=None, init=True, seed=0):
         self._setup(config, dtype, backend, impl)
@@ -245,18 +258,34 @@ class MambaModel(_Pretrained):
         mask = check_attention_mask(attention_mask, (b, l), cache_params)
         mask = None if mask is None else self.backend.asarray(mask, dtype=self.dtype)
 
-        all_hidden_states = [] if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, cache_params, mask)  # (b, l, d)
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-        hidden_states = rms_norm(hidden_states, self.norm_f_weight, self.config.layer_norm_epsilon)
-        if output_hidden_states:
-            all_hidden_states.append(hidden_states)
-        if cache_params is not None:
-            cache_params.seqlen_offset += l
+        # A long input goes through the layers in chunks of prefill_chunk_size tokens, the
+        # cache carrying the conv and SSM state from one chunk to the next (a scratch cache
+        # when the caller has none): the per-layer activations then never exceed one chunk.
+        # Same numbers as one pass, up to float rounding in the matmuls.
+        chunk = self.prefill_chunk_size or l
+        if l > chunk and cache_params is None:
+            cache_params = MambaCache(self.config, b, dtype=self.dtype, backend=self.backend)
+        outputs = [self._layers_forward(hidden_states[:, s:s + chunk], cache_params,
+                                        None if mask is None else mask[:, s:s + chunk], output_hidden_states)
+                   for s in range(0, l, chunk)]  # each: [layer outputs], (b, chunk, d)
+        if len(outputs) == 1:
+            per_layer = outputs[0]
+        else:  # join the chunks back along the sequence
+            per_layer = [self.backend.xp.concatenate(parts, axis=1) for parts in zip(*outputs)]
+        hidden_states = rms_norm(per_layer[-1], self.norm_f_weight, self.config.layer_norm_epsilon)  # (b, l, d)
         return MambaOutput(last_hidden_state=hidden_states, cache_params=cache_params if use_cache else None,
-                           hidden_states=tuple(all_hidden_states) if output_hidden_states else None)
+                           hidden_states=tuple(per_layer) + (hidden_states,) if output_hidden_states else None)
+
+    def _layers_forward(self, hidden_states, cache_params, mask, output_hidden_states):
+        """The stack of blocks over one chunk (b, c, d): every layer's output, or only the last."""
+        per_layer = []
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, cache_params, mask)  # (b, c, d)
+            if output_hidden_states:
+                per_layer.append(hidden_states)
+        if cache_params is not None:
+            cache_params.seqlen_offset += hidden_states.shape[1]
+        return per_layer if output_hidden_states else [hidden_states]
 
 
 class MambaForCausalLM(_Pretrained):

@@ -1,0 +1,487 @@
+"""Numba CPU kernels for the four functions of `minimamba.ops`.
+
+Same signatures, arguments and results as their readable twins in
+`minimamba/ops.py` (tests/test_kernels_cpu.py compares them); only the speed
+differs. Versions, and what each parallelises over:
+
+    selective_scan_fn       v2  fused: softplus(delta + bias), exp(delta A), the state
+                                update, C . h, D skip, silu(z) gate and the final state in
+                                one pass; the state of one block of channels lives in a
+                                small local array, so no (b, d, l, n) array exists.
+                                prange over (batch x blocks of 16 channels).
+    selective_state_update  v1  one step, state updated in place; serial for small
+                                b * d (one decode step of one layer is ~25k numbers, less
+                                than a thread hand-off costs), prange over batch x
+                                channels above that.
+    causal_conv1d_fn        v1  k taps per output, bias and SiLU fused; prange over
+                                (batch x blocks of channels), time inside.
+    causal_conv1d_update    v1  a few steps through the rolling conv state, in place;
+                                serial/parallel as selective_state_update.
+
+Speed notes (2-core machine, float32):
+  * exp is written out (range reduction + a degree-6 polynomial, 1-2 ulp) because
+    LLVM does not vectorise calls to libm's expf; with it the n-loop of the scan
+    and the channel loops of softplus and SiLU become SIMD. float64 (ground-truth
+    mode) keeps math.exp / math.log1p.
+  * Outputs of the prefill kernels are (b, l, d) in memory and returned as the
+    (b, d, l) view the signature promises, so the matmul that follows reads them
+    contiguously; inputs may be any strided views (the model passes transposed
+    views of its matmul outputs, no copies).
+  * Each core is compiled once per dtype with explicit 'A' (any layout) array types
+    and cached on disk (cache=True), so contiguous and strided inputs share one
+    compiled version and the first call in a new process loads, not compiles.
+
+Forms not handled here fall back to minimamba.ops (same result, NumPy speed):
+B/C of shape (d, n) (S4, input-independent) or (b, g, n, l) / (b, g, n) (grouped):
+Mamba-1 checkpoints never use them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from minimamba import ops
+from minimamba.ops import check_shape, compute_dtype
+
+BLOCK = 64  # channels per prange work item: the SIMD loops run over them (a fixed trip count)
+PARALLEL_MIN = 1 << 16  # decode kernels go parallel from this many state numbers (b * d * n) up
+FASTMATH = {"contract", "reassoc", "nsz", "arcp"}  # no 'nnan'/'ninf': NaN and inf still propagate
+
+
+# ---------------------------------------------------------------- vectorisable exp / softplus / silu
+
+@intrinsic
+def _bits_to_float32(typingctx, bits):
+    """Reinterpret an int32's bits as a float32 (what a C union does)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+_F32 = np.float32
+_LOG2E = _F32(1.4426950408889634)
+_LN2_HI = _F32(0.693359375)  # Cody-Waite split of ln 2: the high part is exact in 9 bits
+_LN2_LO = _F32(-2.12194440e-4)
+_EXP_HI = _F32(88.72283)  # exp overflows float32 above this
+_EXP_LO = _F32(-87.33654)  # ... and leaves the normal range below this
+_P0, _P1, _P2 = _F32(1.9875691500e-4), _F32(1.3981999507e-3), _F32(8.3334519073e-3)  # Cephes expf
+_P3, _P4, _P5 = _F32(4.1665795894e-2), _F32(1.6666665459e-1), _F32(5.0000001201e-1)
+_ONE, _HALF, _ZERO, _TWO, _INF = _F32(1.0), _F32(0.5), _F32(0.0), _F32(2.0), _F32(np.inf)
+
+
+@njit(inline="always")
+def _expf(x):
+    """exp for float32 in straight-line code that LLVM vectorises (Cephes expf, ~1 ulp)."""
+    xc = min(max(x, _EXP_LO), _EXP_HI)
+    k = min(np.floor(xc * _LOG2E + _HALF), _F32(127.0))  # 2^128 is not a float32; r takes the rest
+    r = xc - k * _LN2_HI - k * _LN2_LO  # |r| <= ln2 / 2
+    p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+    p = p * r * r + r + _ONE
+    scale = _bits_to_float32(np.int32((np.int32(k) + 127) << 23))  # 2^k from its exponent bits
+    e = p * scale
+    e = _ZERO if x < _EXP_LO else e  # underflow to 0 (the reference gives at most a subnormal)
+    return _INF if x > _EXP_HI else (x if x != x else e)  # overflow, NaN in -> NaN out
+
+
+def fast_exp(x):  # pragma: no cover - replaced by the overload inside jitted code
+    return math.exp(x)
+
+
+@overload(fast_exp, inline="always")
+def _fast_exp_overload(x):
+    if x == types.float32:
+        return lambda x: _expf(x)
+    return lambda x: math.exp(x)
+
+
+@njit(inline="always")
+def _log1p_unit_f32(w):
+    """log(1 + w) for w in [0, 1] (float32): 2 atanh(s), s = w / (2 + w) <= 1/3, as a series."""
+    s = w / (_TWO + w)
+    s2 = s * s
+    q = _F32(1 / 17)
+    q = q * s2 + _F32(1 / 15)
+    q = q * s2 + _F32(1 / 13)
+    q = q * s2 + _F32(1 / 11)
+    q = q * s2 + _F32(1 / 9)
+    q = q * s2 + _F32(1 / 7)
+    q = q * s2 + _F32(1 / 5)
+    q = q * s2 + _F32(1 / 3)
+    q = q * s2 + _ONE
+    return _TWO * s * q
+
+
+def softplus(x):  # pragma: no cover - replaced by the overload inside jitted code
+    return x if x > 20.0 else math.log1p(math.exp(x))
+
+
+@overload(softplus, inline="always")
+def _softplus_overload(x):
+    if x == types.float32:
+        def f32(x):
+            # max(x, 0) + log1p(exp(-|x|)): no overflow, vectorisable; for x > 20 the
+            # second term is below half an ulp of x, so this is x as the reference has it.
+            ax = abs(x)
+            return max(x, _ZERO) + _log1p_unit_f32(_expf(-ax))
+        return f32
+
+    def f64(x):  # the reference's threshold-20 form, exactly
+        return x if x > 20.0 else math.log1p(math.exp(x))
+    return f64
+
+
+def silu(x):  # pragma: no cover - replaced by the overload inside jitted code
+    return x / (1.0 + math.exp(-x))
+
+
+@overload(silu, inline="always")
+def _silu_overload(x):
+    if x == types.float32:
+        return lambda x: x / (_ONE + _expf(-x))
+    return lambda x: x / (1.0 + math.exp(-x))
+
+
+# ---------------------------------------------------------------- jitted cores
+
+
+def _scan_core(u, delta, A, B, C, D, z, delta_bias, h0, out, last_state,
+               has_D, has_z, has_bias, has_h0, delta_softplus):
+    """u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l); h0, last_state: (b, d, n); out: (b, d, l).
+
+    Per work item, a block of BLOCK channels: its state is held transposed, (n, BLOCK),
+    so every inner loop runs over BLOCK contiguous channels (a fixed trip count LLVM
+    turns into SIMD); inputs are gathered into small contiguous buffers once per step.
+    """
+    b, d, l = u.shape
+    n = A.shape[1]
+    nblocks = (d + BLOCK - 1) // BLOCK
+    for job in prange(b * nblocks):
+        bi = job // nblocks
+        c0 = (job % nblocks) * BLOCK
+        w = min(BLOCK, d - c0)
+        h = np.zeros((n, BLOCK), dtype=out.dtype)  # the state of this block of channels, (n, BLOCK)
+        At = np.zeros((n, BLOCK), dtype=out.dtype)  # A transposed
+        dt = np.zeros(BLOCK, dtype=out.dtype)
+        xt = np.zeros(BLOCK, dtype=out.dtype)
+        dtx = np.zeros(BLOCK, dtype=out.dtype)
+        zt = np.zeros(BLOCK, dtype=out.dtype)
+        y = np.zeros(BLOCK, dtype=out.dtype)
+        Dt = np.zeros(BLOCK, dtype=out.dtype)
+        bias = np.zeros(BLOCK, dtype=out.dtype)
+        for c in range(w):
+            if has_D:
+                Dt[c] = D[c0 + c]
+            if has_bias:
+                bias[c] = delta_bias[c0 + c]
+            for i in range(n):
+                At[i, c] = A[c0 + c, i]
+                if has_h0:
+                    h[i, c] = h0[bi, c0 + c, i]
+        for t in range(l):
+            for c in range(w):  # gather this step's inputs
+                dt[c] = delta[bi, c0 + c, t]
+                xt[c] = u[bi, c0 + c, t]
+                if has_z:
+                    zt[c] = z[bi, c0 + c, t]
+            for c in range(BLOCK):  # Delta_t = softplus(delta + bias)
+                v = dt[c] + bias[c]
+                dt[c] = softplus(v) if delta_softplus else v
+                dtx[c] = dt[c] * xt[c]
+                y[c] = Dt[c] * xt[c]  # D skip
+            for i in range(n):  # h = exp(Delta A) h + Delta B x;  y += C . h
+                Bi = B[bi, i, t]
+                Ci = C[bi, i, t]
+                for c in range(BLOCK):
+                    hv = fast_exp(dt[c] * At[i, c]) * h[i, c] + dtx[c] * Bi
+                    h[i, c] = hv
+                    y[c] += hv * Ci
+            if has_z:
+                for c in range(BLOCK):
+                    y[c] *= silu(zt[c])
+            for c in range(w):
+                out[bi, c0 + c, t] = y[c]
+        for c in range(w):
+            for i in range(n):
+                last_state[bi, c0 + c, i] = h[i, c]
+
+
+def _state_update_core(state, x, dt, A, B, C, D, z, dt_bias, out, has_D, has_z, has_bias, dt_softplus):
+    """state: (b, d, n) in place; x, dt, z, out: (b, d); A: (d, n); B, C: (b, n).
+
+    Blocks of BLOCK channels, the state copied to a transposed (n, BLOCK) buffer so
+    the arithmetic runs over contiguous channels, as in the scan.
+    """
+    b, d, n = state.shape
+    nblocks = (d + BLOCK - 1) // BLOCK
+    for job in prange(b * nblocks):
+        bi = job // nblocks
+        c0 = (job % nblocks) * BLOCK
+        w = min(BLOCK, d - c0)
+        h = np.zeros((n, BLOCK), dtype=out.dtype)
+        At = np.zeros((n, BLOCK), dtype=out.dtype)
+        v = np.zeros(BLOCK, dtype=out.dtype)
+        xt = np.zeros(BLOCK, dtype=out.dtype)
+        dtx = np.zeros(BLOCK, dtype=out.dtype)
+        y = np.zeros(BLOCK, dtype=out.dtype)
+        zt = np.zeros(BLOCK, dtype=out.dtype)
+        for c in range(w):
+            v[c] = dt[bi, c0 + c] + (dt_bias[c0 + c] if has_bias else 0)
+            xt[c] = x[bi, c0 + c]
+            y[c] = D[c0 + c] * xt[c] if has_D else 0
+            if has_z:
+                zt[c] = z[bi, c0 + c]
+            for i in range(n):
+                h[i, c] = state[bi, c0 + c, i]
+                At[i, c] = A[c0 + c, i]
+        for c in range(BLOCK):
+            if dt_softplus:
+                v[c] = softplus(v[c])
+            dtx[c] = v[c] * xt[c]
+        for i in range(n):
+            Bi = B[bi, i]
+            Ci = C[bi, i]
+            for c in range(BLOCK):
+                hv = fast_exp(v[c] * At[i, c]) * h[i, c] + dtx[c] * Bi
+                h[i, c] = hv
+                y[c] += hv * Ci
+        if has_z:
+            for c in range(BLOCK):
+                y[c] *= silu(zt[c])
+        for c in range(w):
+            out[bi, c0 + c] = y[c]
+            for i in range(n):
+                state[bi, c0 + c, i] = h[i, c]
+
+
+def _conv_core(x, weight, bias, out, has_bias, use_silu):
+    """x, out: (b, d, l); weight: (d, k). out[t] = sum_j weight[:, j] x[t - (k-1) + j] (+ bias, SiLU).
+
+    Blocks of BLOCK channels; the last k inputs of the block sit in a small rolling
+    window, so each input is read once.
+    """
+    b, d, l = x.shape
+    k = weight.shape[1]
+    nblocks = (d + BLOCK - 1) // BLOCK
+    for job in prange(b * nblocks):
+        bi = job // nblocks
+        c0 = (job % nblocks) * BLOCK
+        w = min(BLOCK, d - c0)
+        wt = np.zeros((k, BLOCK), dtype=out.dtype)  # taps, transposed
+        window = np.zeros((k, BLOCK), dtype=out.dtype)  # window[j] = x[t - (k-1) + j]; zeros = the padding
+        acc = np.zeros(BLOCK, dtype=out.dtype)
+        b0 = np.zeros(BLOCK, dtype=out.dtype)
+        for c in range(w):
+            if has_bias:
+                b0[c] = bias[c0 + c]
+            for j in range(k):
+                wt[j, c] = weight[c0 + c, j]
+        for t in range(l):
+            for j in range(k - 1):
+                for c in range(BLOCK):
+                    window[j, c] = window[j + 1, c]
+            for c in range(w):
+                window[k - 1, c] = x[bi, c0 + c, t]
+            for c in range(BLOCK):
+                acc[c] = b0[c]
+            for j in range(k):
+                for c in range(BLOCK):
+                    acc[c] += wt[j, c] * window[j, c]
+            if use_silu:
+                for c in range(BLOCK):
+                    acc[c] = silu(acc[c])
+            for c in range(w):
+                out[bi, c0 + c, t] = acc[c]
+
+
+def _conv_update_core(x, conv_state, weight, bias, out, has_bias, use_silu):
+    """x, out: (b, d, l); conv_state: (b, d, s), s >= k - 1, updated in place."""
+    b, d, l = x.shape
+    s = conv_state.shape[2]
+    k = weight.shape[1]
+    start = s - (k - 1)
+    for job in prange(b * d):
+        bi = job // d
+        c = job % d
+        for t in range(l):
+            acc = bias[c] if has_bias else 0
+            for j in range(k):
+                p = start + j + t  # position in [conv_state, x]
+                acc += weight[c, j] * (conv_state[bi, c, p] if p < s else x[bi, c, p - s])
+            out[bi, c, t] = silu(acc) if use_silu else acc
+        for q in range(s):  # shift left by l: reads run ahead of writes, so in place is safe
+            p = l + q
+            conv_state[bi, c, q] = conv_state[bi, c, p] if p < s else x[bi, c, p - s]
+
+
+_jit_par = dict(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+_jit_ser = dict(cache=True, nogil=True, fastmath=FASTMATH)
+_CORES = {
+    "scan": njit(**_jit_par)(_scan_core),
+    "state_update": njit(**_jit_ser)(_state_update_core),
+    "state_update_par": njit(**_jit_par)(_state_update_core),
+    "conv": njit(**_jit_par)(_conv_core),
+    "conv_update": njit(**_jit_ser)(_conv_update_core),
+    "conv_update_par": njit(**_jit_par)(_conv_update_core),
+}
+_ARGS = {  # array ranks, then the number of boolean flags
+    "scan": ((3, 3, 2, 3, 3, 1, 3, 1, 3, 3, 3), 5),
+    "state_update": ((3, 2, 2, 2, 2, 2, 1, 2, 1, 2), 4),
+    "conv": ((3, 2, 1, 3), 2),
+    "conv_update": ((3, 3, 2, 1, 3), 2),
+}
+_compiled = {}
+
+
+def _core(name, dtype):
+    """The entry point of core `name` for `dtype`, compiled (or loaded from the disk cache) once.
+
+    Explicit signatures with layout 'A' arrays: one compiled version serves
+    contiguous and strided inputs alike, and calls skip the dispatcher's type search.
+    """
+    key = (name, dtype)
+    if key not in _compiled:
+        ranks, nflags = _ARGS[name.replace("_par", "")]
+        nbt = numba.from_dtype(dtype)
+        sig = tuple(types.Array(nbt, r, "A") for r in ranks) + (types.boolean,) * nflags
+        _compiled[key] = _CORES[name].compile(sig)
+    return _compiled[key]
+
+
+def _as(a, ct):
+    return a.astype(ct, copy=False)
+
+
+def _dummy(ndim, ct):
+    return np.zeros((0,) * ndim, dtype=ct)
+
+
+def _numpy_only(*arrays):
+    for a in arrays:
+        if a is not None and not isinstance(a, np.ndarray):
+            raise TypeError(f"minimamba.kernels.cpu works on NumPy arrays, got {type(a).__module__}."
+                            f"{type(a).__name__}; use impl='cuda' (or 'numpy') for CuPy arrays")
+
+
+def _empty_bld(b, d, l, ct):
+    """A (b, d, l) array whose memory is laid out (b, l, d): what the next matmul wants."""
+    return np.empty((b, l, d), dtype=ct).transpose(0, 2, 1)
+
+
+# ---------------------------------------------------------------- the four kernels
+
+
+def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                      delta_softplus=False, return_last_state=False, initial_state=None):
+    """Fused selective scan; see `minimamba.ops.selective_scan_ref` for the arguments and maths."""
+    _numpy_only(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    b, d, l, n = ops._check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if B.shape != (b, n, l) or C.shape != (b, n, l) or B.ndim != 3 or C.ndim != 3:
+        # (d, n) and grouped (b, g, n, l) B/C: the readable path (Mamba-1 uses (b, n, l)).
+        return ops.selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                     delta_softplus=delta_softplus, return_last_state=return_last_state,
+                                     initial_state=initial_state)
+    ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    out = _empty_bld(b, d, l, ct)  # (b, d, l)
+    last_state = np.empty((b, d, n), dtype=ct)  # (b, d, n)
+    _core("scan", ct)(
+        _as(u, ct), _as(delta, ct), _as(A, ct), _as(B, ct), _as(C, ct),
+        _dummy(1, ct) if D is None else _as(D, ct), _dummy(3, ct) if z is None else _as(z, ct),
+        _dummy(1, ct) if delta_bias is None else _as(delta_bias, ct),
+        _dummy(3, ct) if initial_state is None else _as(initial_state, ct), out, last_state,
+        D is not None, z is not None, delta_bias is not None, initial_state is not None, bool(delta_softplus))
+    out = out.astype(u.dtype, copy=False)
+    return (out, last_state) if return_last_state else out
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decode step, `state` updated in place; see `minimamba.ops.selective_state_update`."""
+    _numpy_only(state, x, dt, A, B, C, D, z, dt_bias)
+    if state.ndim != 3:
+        raise ValueError(f"state must have shape (batch, dim, dstate), got {tuple(state.shape)}")
+    b, d, n = state.shape
+    if B.ndim == 3 or C.ndim == 3 or state.dtype not in (np.float32, np.float64):  # grouped B/C: readable path
+        return ops.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    for name, M in (("x", x), ("dt", dt), ("z", z)):
+        check_shape(name, M, (b, d))
+    check_shape("A", A, (d, n))
+    check_shape("D", D, (d,))
+    check_shape("dt_bias", dt_bias, (d,))
+    for name, M in (("B", B), ("C", C)):
+        if M.shape != (b, n):
+            raise ValueError(f"{name} has shape {tuple(M.shape)}, expected ({b}, {n}) or ({b}, groups, {n})")
+    ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    if state.dtype != ct:  # a float32 state in a float64 call: update a float64 copy, write it back
+        work = state.astype(ct)
+        out = selective_state_update(work, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        state[...] = work
+        return out
+    out = np.empty((b, d), dtype=ct)
+    name = "state_update_par" if b * d * n >= PARALLEL_MIN else "state_update"
+    _core(name, ct)(
+        state, _as(x, ct), _as(dt, ct), _as(A, ct), _as(B, ct), _as(C, ct),
+        _dummy(1, ct) if D is None else _as(D, ct), _dummy(2, ct) if z is None else _as(z, ct),
+        _dummy(1, ct) if dt_bias is None else _as(dt_bias, ct), out,
+        D is not None, z is not None, dt_bias is not None, bool(dt_softplus))
+    return out.astype(x.dtype, copy=False)
+
+
+def _check_activation(activation):
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    return activation is not None
+
+
+def causal_conv1d_fn(x, weight, bias=None, activation=None):
+    """Causal depthwise conv (+ bias, SiLU); see `minimamba.ops.causal_conv1d_fn`."""
+    _numpy_only(x, weight, bias)
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (batch, dim, seqlen), got {tuple(x.shape)}")
+    b, d, l = x.shape
+    if weight.ndim != 2 or weight.shape[0] != d:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d}, width)")
+    check_shape("bias", bias, (d,))
+    use_silu = _check_activation(activation)
+    ct = compute_dtype(x, weight)
+    out = _empty_bld(b, d, l, ct)  # (b, d, l)
+    _core("conv", ct)(_as(x, ct), _as(weight, ct), _dummy(1, ct) if bias is None else _as(bias, ct), out,
+                      bias is not None, use_silu)
+    return out.astype(x.dtype, copy=False)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """A few conv steps through `conv_state` (updated in place); see `minimamba.ops.causal_conv1d_update`."""
+    _numpy_only(x, conv_state, weight, bias)
+    single = x.ndim == 2
+    x3 = x[:, :, None] if single else x  # (b, d, l)
+    if x3.ndim != 3:
+        raise ValueError(f"x must have shape (batch, dim) or (batch, dim, seqlen), got {tuple(x.shape)}")
+    b, d, l = x3.shape
+    if weight.ndim != 2 or weight.shape[0] != d:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d}, width)")
+    k = weight.shape[1]
+    if conv_state.ndim != 3 or conv_state.shape[:2] != (b, d) or conv_state.shape[2] < k - 1:
+        raise ValueError(f"conv_state has shape {tuple(conv_state.shape)}, expected ({b}, {d}, >= {k - 1})")
+    check_shape("bias", bias, (d,))
+    use_silu = _check_activation(activation)
+    ct = compute_dtype(x, weight)
+    if conv_state.dtype != ct:  # the state keeps its own dtype; work on a copy in the compute dtype
+        work = conv_state.astype(ct)
+        out = causal_conv1d_update(x, work, weight, bias, activation)
+        conv_state[...] = work
+        return out
+    out = np.empty((b, d, l), dtype=ct) if l == 1 else _empty_bld(b, d, l, ct)
+    name = "conv_update_par" if b * d * (l + k) >= PARALLEL_MIN else "conv_update"
+    _core(name, ct)(_as(x3, ct), conv_state, _as(weight, ct), _dummy(1, ct) if bias is None else _as(bias, ct),
+                    out, bias is not None, use_silu)
+    out = out.astype(x.dtype, copy=False)
+    return out[:, :, 0] if single else out

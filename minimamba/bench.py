@@ -1,0 +1,324 @@
+"""`minimamba bench`: prefill and decode speed, peak memory, and how they compare.
+
+    minimamba bench --shape 130m                        # random weights of that shape, no download
+    minimamba bench --model state-spaces/mamba-130m-hf  # a checkpoint
+    minimamba bench --shape 130m --vs transformers --roofline
+    minimamba bench --shape 130m --prompt-len 16384 --new-tokens 0   # the long-prompt memory check
+
+What is measured:
+  prefill  model(prompt, use_cache=True, logits_to_keep=1): the prompt's cost as
+           generation pays it (logits for the last position only); tokens/s = b * l / time.
+  decode   --new-tokens steps of model(next_token, cache_params=cache), greedy;
+           tokens/s = b * new_tokens / time.
+  memory   the peak resident set size (VmHWM) during the prefill, reset just before it
+           through /proc/self/clear_refs, so it is the prefill's own peak and not the
+           process's lifetime maximum (resource.getrusage's ru_maxrss cannot be reset;
+           tracemalloc misses BLAS and Numba buffers and slows NumPy down). Where
+           /proc is missing, ru_maxrss is shown and labelled as the lifetime peak.
+Each figure is the best of --repeat runs (the machine may be shared: the fastest
+run is the one least disturbed). With --vs transformers the two libraries run
+alternately in the same process on the same weights, so their ratio is fair even
+when absolute numbers drift.
+
+--roofline measures this machine's limits and prints each figure as a fraction:
+  decode:  (bytes of weights read per token / memory bandwidth) / time per token
+  prefill: (2 x matmul parameters x tokens / matmul FLOP/s) / prefill time
+Bandwidth is the best of a large-array sum (Numba, all threads, when available)
+and a NumPy copy; FLOP/s is NumPy's float32 matmul of 2048 x 2048 matrices.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from .config import MambaConfig
+
+SHAPES = {  # the state-spaces/mamba-*-hf checkpoints: (hidden_size, num_hidden_layers)
+    "tiny": (64, 2),
+    "130m": (768, 24),
+    "370m": (1024, 48),
+    "790m": (1536, 48),
+    "1.4b": (2048, 48),
+    "2.8b": (2560, 64),
+}
+
+
+def shape_config(shape: str) -> MambaConfig:
+    """The config of a named checkpoint shape (vocab 50280, n 16, k 4, expand 2)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    d, layers = SHAPES[shape]
+    vocab = 1000 if shape == "tiny" else 50280
+    return MambaConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, state_size=16,
+                       conv_kernel=4, expand=2)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _rss_bytes(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _rss_bytes("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def peak_rss() -> tuple[int, str]:
+    """(bytes, how it was measured)."""
+    hwm = _rss_bytes("VmHWM")
+    if hwm is not None:
+        return hwm, "VmHWM"
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "ru_maxrss (lifetime peak)"
+
+
+# ---------------------------------------------------------------- the machine's limits
+
+
+def measure_bandwidth(nbytes=1 << 30, repeat=3) -> float:
+    """Memory read bandwidth in bytes/s: the best of a parallel sum and a NumPy copy of `nbytes`."""
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    best = 0.0
+    try:
+        from .kernels.bandwidth import parallel_sum
+
+        parallel_sum(a[:1024])
+        for _ in range(repeat):
+            t = time.perf_counter()
+            parallel_sum(a)
+            best = max(best, a.nbytes / (time.perf_counter() - t))
+    except ImportError:
+        pass
+    b = np.empty_like(a)
+    for _ in range(repeat):  # a copy reads and writes: count both
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def measure_flops(size=2048, repeat=3) -> float:
+    """float32 matmul FLOP/s (NumPy's BLAS, all threads)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    a @ b
+    best = math.inf
+    for _ in range(repeat):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / best
+
+
+# ---------------------------------------------------------------- runners
+
+
+class MinimambaRunner:
+    name = "minimamba"
+
+    def __init__(self, model):
+        self.model = model
+
+    def prefill(self, ids):
+        out = self.model(ids, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.cache_params  # (b, V), cache
+
+    def decode(self, cache, token, steps):
+        logits = None
+        for _ in range(steps):
+            logits = self.model(token, cache_params=cache, use_cache=True).logits[:, -1]  # (b, V)
+            token = logits.argmax(axis=-1)[:, None]  # (b, 1)
+        return logits
+
+
+class TransformersRunner:
+    name = "transformers"
+
+    def __init__(self, model):
+        try:
+            import torch
+            import transformers
+        except ImportError:
+            raise ImportError("--vs transformers needs torch and transformers: "
+                              "pip install 'minimamba[crosscheck]'") from None
+        self.torch = torch
+        cfg = model.config
+        hf_config = transformers.MambaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, state_size=cfg.state_size,
+            num_hidden_layers=cfg.num_hidden_layers, conv_kernel=cfg.conv_kernel, expand=cfg.expand,
+            time_step_rank=cfg.time_step_rank, use_bias=cfg.use_bias, use_conv_bias=cfg.use_conv_bias,
+            layer_norm_epsilon=cfg.layer_norm_epsilon, tie_word_embeddings=cfg.tie_word_embeddings)
+        dtype = torch.float64 if model.dtype == np.float64 else torch.float32
+        self.model = transformers.MambaForCausalLM(hf_config).to(dtype).eval()
+        state = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in model.state_dict().items()}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or [m for m in missing if m != "lm_head.weight"]:
+            raise RuntimeError(f"weights did not map onto transformers: missing {missing}, unexpected {unexpected}")
+
+    def prefill(self, ids):
+        with self.torch.no_grad():
+            out = self.model(self.torch.from_numpy(ids), use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].numpy(), out.cache
+
+    def decode(self, cache, token, steps):
+        token = self.torch.from_numpy(np.asarray(token))
+        with self.torch.no_grad():
+            for _ in range(steps):
+                out = self.model(token, cache=cache, use_cache=True)
+                logits = out.logits[:, -1]
+                token = logits.argmax(dim=-1)[:, None]
+        return logits.numpy()
+
+
+def time_runner(runner, ids, new_tokens):
+    """(prefill seconds, decode seconds, prefill peak RSS bytes or None, last prefill logits)."""
+    can_reset = reset_peak_rss()
+    t = time.perf_counter()
+    logits, cache = runner.prefill(ids)
+    t_prefill = time.perf_counter() - t
+    peak = peak_rss()[0] if can_reset else None
+    t_decode = 0.0
+    if new_tokens:
+        token = np.asarray(logits).argmax(axis=-1)[:, None]
+        t = time.perf_counter()
+        runner.decode(cache, token, new_tokens)
+        t_decode = time.perf_counter() - t
+    return t_prefill, t_decode, peak, np.asarray(logits)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run_bench(args):
+    from .model import MambaForCausalLM, init_weights
+
+    if (args.model is None) == (args.shape is None):
+        raise ValueError("give exactly one of --model PATH or --shape NAME")
+    if args.prompt_len < 1 or args.batch < 1 or args.new_tokens < 0 or args.repeat < 1:
+        raise ValueError("--prompt-len, --batch and --repeat must be >= 1 and --new-tokens >= 0")
+    rss0 = _rss_bytes("VmRSS")
+    if args.model is not None:
+        model = MambaForCausalLM.from_pretrained(args.model, dtype=args.dtype, impl=args.impl)
+        label = args.model
+    else:
+        config = shape_config(args.shape)
+        model = MambaForCausalLM(config, dtype=args.dtype, impl=args.impl, init=False)
+        model.load_state_dict(init_weights(config, seed=0))
+        label = f"random weights, {args.shape} shape"
+    if args.prefill_chunk is not None:
+        model.backbone.prefill_chunk_size = args.prefill_chunk or None
+    cfg = model.config
+    itemsize = np.dtype(model.dtype).itemsize
+    n_params = model.num_parameters()
+    weight_bytes = n_params * itemsize
+    embed_params = cfg.vocab_size * cfg.hidden_size
+    head_params = embed_params  # the lm_head reads a (V, d) matrix per position, tied or not
+    body_params = n_params - embed_params - (0 if cfg.tie_word_embeddings else head_params)
+    decode_bytes = (body_params + head_params) * itemsize  # the embedding row itself is negligible
+    threads = os.cpu_count()
+
+    print(f"model      {label}: {n_params / 1e6:.1f} M parameters, {weight_bytes / 1e6:.0f} MB in {model.dtype}")
+    print(f"           d {cfg.hidden_size}, layers {cfg.num_hidden_layers}, e {cfg.intermediate_size}, "
+          f"n {cfg.state_size}, V {cfg.vocab_size}")
+    print(f"run        batch {args.batch}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+          f"impl {model.kernels.name}, prefill chunk {model.backbone.prefill_chunk_size}, "
+          f"best of {args.repeat}, {threads} CPUs")
+
+    runners = [MinimambaRunner(model)]
+    if args.vs == "transformers":
+        runners.append(TransformersRunner(model))
+    rng = np.random.default_rng(args.seed)
+    ids = rng.integers(0, cfg.vocab_size, size=(args.batch, args.prompt_len), dtype=np.int64)
+
+    warm = ids[:, :min(args.prompt_len, 16)]  # compile / load kernels and warm the allocators
+    for runner in runners:
+        time_runner(runner, warm, min(args.new_tokens, 2))
+
+    best = {r.name: [math.inf, math.inf, 0] for r in runners}
+    logits = {}
+    for _ in range(args.repeat):
+        for runner in runners:  # alternate, so drift in the machine's load hits both
+            t_prefill, t_decode, peak, logits[runner.name] = time_runner(runner, ids, args.new_tokens)
+            b = best[runner.name]
+            b[0], b[1] = min(b[0], t_prefill), min(b[1], t_decode) if args.new_tokens else 0.0
+            b[2] = max(b[2], peak or 0)
+
+    roof = None
+    if args.roofline:
+        roof = measure_bandwidth(), measure_flops()
+        print(f"machine    memory bandwidth {roof[0] / 1e9:.1f} GB/s, float32 matmul {roof[1] / 1e9:.0f} GFLOP/s")
+
+    n_tok_prefill = args.batch * args.prompt_len
+    print()
+    print(f"{'':14}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/token':>10}{'prefill peak RSS':>19}")
+    for runner in runners:
+        t_prefill, t_decode, peak = best[runner.name]
+        decode_tps = args.batch * args.new_tokens / t_decode if args.new_tokens else float("nan")
+        ms = 1e3 * t_decode / args.new_tokens if args.new_tokens else float("nan")
+        peak_txt = f"{peak / 1e9:.2f} GB" if peak else "n/a"
+        print(f"{runner.name:14}{n_tok_prefill / t_prefill:>15.1f}{decode_tps:>14.1f}{ms:>10.2f}{peak_txt:>19}")
+
+    mm = best["minimamba"]
+    if mm[2]:
+        print(f"\nmemory     prefill peak RSS {mm[2] / 1e9:.2f} GB = weights {weight_bytes / 1e9:.2f} GB "
+              f"+ {(mm[2] - weight_bytes) / 1e9:.2f} GB (process RSS before loading {rss0 / 1e9:.2f} GB: "
+              f"Python, NumPy, Numba{', torch' if len(runners) > 1 else ''})")
+    if len(runners) > 1:
+        hf = best["transformers"]
+        diff = np.abs(logits["minimamba"] - logits["transformers"]).max()
+        print(f"vs transformers  prefill {hf[0] / mm[0]:.2f}x", end="")
+        if args.new_tokens:
+            print(f", decode {hf[1] / mm[1]:.2f}x", end="")
+        print(f" (time ratio, >1 = minimamba faster); last prefill logits max |diff| {diff:.2e}")
+    if roof:
+        bandwidth, flops = roof
+        prefill_flop = 2 * (body_params * n_tok_prefill + head_params * args.batch)
+        print(f"roofline   prefill {prefill_flop / flops / mm[0]:.0%} of matmul peak "
+              f"(2 x {body_params / 1e6:.1f} M params x {n_tok_prefill} tokens + head)")
+        if args.new_tokens:
+            bound = decode_bytes / bandwidth  # seconds per step if only the weights had to be read
+            print(f"roofline   decode  {bound / (mm[1] / args.new_tokens):.0%} of bandwidth limit "
+                  f"({decode_bytes / 1e6:.0f} MB of weights per step / {bandwidth / 1e9:.1f} GB/s "
+                  f"= {1e3 * bound:.2f} ms per step, batch {args.batch})")
+    return 0
+
+
+def add_bench_parser(sub):
+    p = sub.add_parser("bench", help="prefill/decode speed and memory, optionally against transformers",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="a checkpoint folder or Hub repo id")
+    p.add_argument("--shape", help=f"random weights of a checkpoint shape: {', '.join(SHAPES)}")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", help="float32 or float64")
+    p.add_argument("--impl", default=None, help="reference, numpy, numba (default: the fastest available)")
+    p.add_argument("--vs", choices=["transformers"], help="also time transformers' CPU path, alternating")
+    p.add_argument("--roofline", action="store_true", help="measure bandwidth and FLOP/s; print fractions")
+    p.add_argument("--repeat", type=int, default=3, help="runs per figure; the best is shown")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tokens per prefill chunk (default: the model's, 2048; 0: one pass)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_bench)
