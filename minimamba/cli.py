@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .training.train_cli import add_train_parser
+
 
 def cmd_info(args):
     from .config import MambaConfig
@@ -40,6 +42,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     # Each command lives beside the code it drives; its module adds its own subparser.
     add_info_parser(sub)
+    add_train_parser(sub)
     return parser
 
 
