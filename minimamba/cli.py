@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .training.finetune_cli import add_finetune_parser
 from .training.train_cli import add_train_parser
 
 
@@ -43,6 +44,7 @@ def build_parser():
     # Each command lives beside the code it drives; its module adds its own subparser.
     add_info_parser(sub)
     add_train_parser(sub)
+    add_finetune_parser(sub)
     return parser
 
 
