@@ -11,24 +11,24 @@ matmuls make is used without a transpose:
     D              (e,)
 
 Versions (llm.c habit: say what each one parallelises over):
-    scan_forward   v1: one thread per batch row (prange over b); inside, time steps
-                   in order, channels and states in the inner loops (contiguous in e, n).
-                   Saves only the state entering each chunk of `chunk` steps:
-                   (b, ceil(l / chunk), e, n), not the (b, l, e, n) of every step.
-    scan_backward  v1: one thread per batch row. Chunks in reverse; each chunk first
-                   recomputes its `chunk` states from the saved boundary state (keeping
-                   exp(delta A) too, so the reverse sweep needs no exp), then runs the
-                   reverse-time recurrence dh_{t-1} = exp(delta_t A) * dh_t. The same
-                   recompute-from-chunk-boundaries plan as the paper's kernel (Section 3.3.2),
-                   there in SRAM, here in a per-thread buffer of (chunk + 1, e, n).
-Gradients of A and D sum over the batch: each thread writes its own row of a
-(b, e, n) / (b, e) buffer and the rows are summed after the parallel loop
-(no races; the result does not depend on the number of threads).
+    v1 (git history): one Numba call per pass, exp inside the loops (scalar, not vectorised).
+    v2 (this file): Python walks the chunks of `chunk` time steps; per chunk NumPy computes
+       exp(delta A) (b, T, e, n) with its SIMD exp, and a Numba kernel with one thread per
+       batch row (prange over b) runs the recurrence, channels and states innermost
+       (contiguous in e and n).
+    scan_forward keeps only the state entering each chunk, (b, ceil(l / chunk), e, n),
+       not the (b, l, e, n) of every step.
+    scan_backward walks the chunks in reverse; each chunk first recomputes its T states
+       from the saved boundary state into a (b, T + 1, e, n) buffer, then runs the
+       reverse-time recurrence dh_{t-1} = exp(delta_t A) * dh_t. The same
+       recompute-from-chunk-boundaries plan as the paper's kernel (Section 3.3.2), which
+       does it in SRAM.
+Gradients of A sum over the batch: each thread writes its own row of a (b, e, n)
+buffer and the rows are summed after the parallel loop (no races; the result does
+not depend on the number of threads).
 """
 
 from __future__ import annotations
-
-import math
 
 import numba as nb
 import numpy as np
@@ -36,81 +36,67 @@ import numpy as np
 DEFAULT_CHUNK = 64
 
 
-@nb.njit(parallel=True, cache=True)
-def _scan_forward(u, delta, A, B, C, D, chunk):
-    b, l, e = u.shape
-    n = A.shape[1]
-    n_chunks = (l + chunk - 1) // chunk
-    y = np.empty_like(u)  # (b, l, e)
-    h_start = np.empty((b, n_chunks, e, n), dtype=u.dtype)  # state entering each chunk
+# NOTE: exp(delta A) is computed by NumPy, one chunk at a time, outside the Numba loops:
+# NumPy's float32 exp is SIMD-vectorised, a scalar exp in the loop is not (Numba has no
+# vector math library here), and with the exp gone the remaining loops are multiply-adds.
+# Reassociation lets LLVM vectorise the sums over n; NaN and inf keep their meaning.
+FASTMATH = {"reassoc", "contract", "nsz"}
+
+
+@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _chunk_forward(u, delta, decay, B, C, D, h, y):
+    """One chunk of T steps: h (b, e, n) goes in as the chunk's start state and comes out as its end state."""
+    b, T, e = u.shape
+    n = B.shape[2]
     for bi in nb.prange(b):
-        h = np.zeros((e, n), dtype=u.dtype)  # (e, n)
-        for t in range(l):
-            if t % chunk == 0:
-                h_start[bi, t // chunk] = h
+        for s in range(T):
             for ei in range(e):
-                dt = delta[bi, t, ei]
-                dtu = dt * u[bi, t, ei]
+                dtu = delta[bi, s, ei] * u[bi, s, ei]
                 acc = 0.0
                 for ni in range(n):
-                    hv = math.exp(dt * A[ei, ni]) * h[ei, ni] + dtu * B[bi, t, ni]
-                    h[ei, ni] = hv
-                    acc += hv * C[bi, t, ni]
-                y[bi, t, ei] = acc + D[ei] * u[bi, t, ei]
-    return y, h_start
+                    hv = decay[bi, s, ei, ni] * h[bi, ei, ni] + dtu * B[bi, s, ni]
+                    h[bi, ei, ni] = hv
+                    acc += hv * C[bi, s, ni]
+                y[bi, s, ei] = acc + D[ei] * u[bi, s, ei]
 
 
-@nb.njit(parallel=True, cache=True)
-def _scan_backward(u, delta, A, B, C, D, h_start, dy, chunk):
-    b, l, e = u.shape
-    n = A.shape[1]
-    n_chunks = h_start.shape[1]
-    du = np.empty_like(u)
-    ddelta = np.empty_like(u)
-    dB = np.zeros_like(B)
-    dC = np.zeros_like(C)
-    dA_rows = np.zeros((b, e, n), dtype=u.dtype)
-    dD_rows = np.zeros((b, e), dtype=u.dtype)
+@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _chunk_backward(u, delta, decay, A, B, C, D, h0, dy, dh, hs, du, ddelta, dB, dC, dA_rows):
+    """One chunk in reverse. dh (b, e, n) carries dL/dh from the chunk after; hs is a (b, T+1, e, n) buffer."""
+    b, T, e = u.shape
+    n = B.shape[2]
     for bi in nb.prange(b):
-        dh = np.zeros((e, n), dtype=u.dtype)  # dL/dh_t from the future: exp(delta_{t+1} A) * dh_{t+1}
-        hs = np.empty((chunk + 1, e, n), dtype=u.dtype)  # hs[0] enters the chunk, hs[s+1] after step s
-        decay = np.empty((chunk, e, n), dtype=u.dtype)  # exp(delta_t A), kept from the recompute
-        for c in range(n_chunks - 1, -1, -1):
-            t0 = c * chunk
-            t1 = min(t0 + chunk, l)
-            hs[0] = h_start[bi, c]
-            for t in range(t0, t1):  # recompute this chunk's states
-                s = t - t0
-                for ei in range(e):
-                    dt = delta[bi, t, ei]
-                    dtu = dt * u[bi, t, ei]
-                    for ni in range(n):
-                        a = math.exp(dt * A[ei, ni])
-                        decay[s, ei, ni] = a
-                        hs[s + 1, ei, ni] = a * hs[s, ei, ni] + dtu * B[bi, t, ni]
-            for t in range(t1 - 1, t0 - 1, -1):  # reverse-time recurrence
-                s = t - t0
-                for ei in range(e):
-                    g = dy[bi, t, ei]
-                    dt = delta[bi, t, ei]
-                    uu = u[bi, t, ei]
-                    dD_rows[bi, ei] += g * uu
-                    ddt = 0.0
-                    duu = g * D[ei]
-                    for ni in range(n):
-                        bt = B[bi, t, ni]
-                        dC[bi, t, ni] += g * hs[s + 1, ei, ni]
-                        dhv = dh[ei, ni] + g * C[bi, t, ni]  # total dL/dh_t
-                        a = decay[s, ei, ni]
-                        da = dhv * hs[s, ei, ni]  # dL/d exp(delta_t A)
-                        ddt += da * a * A[ei, ni] + dhv * bt * uu
-                        dA_rows[bi, ei, ni] += da * a * dt
-                        dB[bi, t, ni] += dhv * dt * uu
-                        duu += dhv * dt * bt
-                        dh[ei, ni] = dhv * a
-                    du[bi, t, ei] = duu
-                    ddelta[bi, t, ei] = ddt
-    return du, ddelta, dA_rows.sum(axis=0), dB, dC, dD_rows.sum(axis=0)
+        hs[bi, 0] = h0[bi]
+        for s in range(T):  # recompute the chunk's states from its start state
+            for ei in range(e):
+                dtu = delta[bi, s, ei] * u[bi, s, ei]
+                for ni in range(n):
+                    hs[bi, s + 1, ei, ni] = decay[bi, s, ei, ni] * hs[bi, s, ei, ni] + dtu * B[bi, s, ni]
+        for s in range(T - 1, -1, -1):  # reverse-time recurrence
+            for ei in range(e):
+                g = dy[bi, s, ei]
+                dt = delta[bi, s, ei]
+                uu = u[bi, s, ei]
+                ddt = 0.0
+                duu = 0.0
+                for ni in range(n):
+                    bt = B[bi, s, ni]
+                    dC[bi, s, ni] += g * hs[bi, s + 1, ei, ni]
+                    dhv = dh[bi, ei, ni] + g * C[bi, s, ni]  # total dL/dh_t
+                    a = decay[bi, s, ei, ni]
+                    da = dhv * hs[bi, s, ei, ni] * a  # dL/d(exp(delta A)) times exp(delta A)
+                    ddt += da * A[ei, ni] + dhv * bt * uu
+                    dA_rows[bi, ei, ni] += da * dt
+                    dB[bi, s, ni] += dhv * dt * uu
+                    duu += dhv * bt
+                    dh[bi, ei, ni] = dhv * a
+                du[bi, s, ei] = duu * dt + g * D[ei]
+                ddelta[bi, s, ei] = ddt
+
+
+def _decay(delta, A):
+    """exp(delta_t A) for a chunk: (b, T, e, n)."""
+    return np.exp(delta[:, :, :, None] * A)
 
 
 def _check(u, delta, A, B, C, D):
@@ -133,7 +119,18 @@ def scan_forward(u, delta, A, B, C, D, chunk=DEFAULT_CHUNK):
     """y (b, l, e) and the chunk-boundary states (b, ceil(l/chunk), e, n). See the module docstring."""
     _check(u, delta, A, B, C, D)
     dtype = np.float64 if u.dtype == np.float64 else np.float32
-    return _scan_forward(*_same_dtype(dtype, u, delta, A, B, C, D), int(chunk))
+    u, delta, A, B, C, D = _same_dtype(dtype, u, delta, A, B, C, D)
+    b, l, e = u.shape
+    n = A.shape[1]
+    n_chunks = (l + chunk - 1) // chunk
+    y = np.empty_like(u)  # (b, l, e)
+    h_start = np.empty((b, n_chunks, e, n), dtype=dtype)  # the state entering each chunk
+    h = np.zeros((b, e, n), dtype=dtype)
+    for c in range(n_chunks):
+        t = slice(c * chunk, min((c + 1) * chunk, l))
+        h_start[:, c] = h
+        _chunk_forward(u[:, t], delta[:, t], _decay(delta[:, t], A), B[:, t], C[:, t], D, h, y[:, t])
+    return y, h_start
 
 
 def scan_backward(u, delta, A, B, C, D, h_start, dy, chunk=DEFAULT_CHUNK):
@@ -141,4 +138,21 @@ def scan_backward(u, delta, A, B, C, D, h_start, dy, chunk=DEFAULT_CHUNK):
     _check(u, delta, A, B, C, D)
     dtype = np.float64 if u.dtype == np.float64 else np.float32
     u, delta, A, B, C, D, h_start, dy = _same_dtype(dtype, u, delta, A, B, C, D, h_start, dy)
-    return _scan_backward(u, delta, A, B, C, D, h_start, dy, int(chunk))
+    b, l, e = u.shape
+    n = A.shape[1]
+    n_chunks = h_start.shape[1]
+    if n_chunks != (l + chunk - 1) // chunk:
+        raise ValueError(f"h_start holds {n_chunks} chunk states but l={l} with chunk={chunk} needs "
+                         f"{(l + chunk - 1) // chunk}: use the chunk of the forward")
+    du, ddelta = np.empty_like(u), np.empty_like(u)
+    dB, dC = np.zeros_like(B), np.zeros_like(C)
+    dA_rows = np.zeros((b, e, n), dtype=dtype)  # one row per batch row (per thread), summed below
+    dh = np.zeros((b, e, n), dtype=dtype)
+    hs = np.empty((b, chunk + 1, e, n), dtype=dtype)
+    for c in range(n_chunks - 1, -1, -1):
+        t = slice(c * chunk, min((c + 1) * chunk, l))
+        _chunk_backward(u[:, t], delta[:, t], _decay(delta[:, t], A), A, B[:, t], C[:, t], D,
+                        np.ascontiguousarray(h_start[:, c]), dy[:, t], dh, hs, du[:, t], ddelta[:, t],
+                        dB[:, t], dC[:, t], dA_rows)
+    dD = (dy * u).sum(axis=(0, 1))  # (e,)
+    return du, ddelta, dA_rows.sum(axis=0), dB, dC, dD
