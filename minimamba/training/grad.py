@@ -190,6 +190,16 @@ class TrainingModel:
         cache = (ids, emb_saved, saved, norm_saved, feats, ce_saved, (b, l, d)) if keep else None
         return loss, cache
 
+    def logits(self, input_ids):
+        """logits (b, l, V) of the model with its adapters (no dropout); for checks against other libraries."""
+        cfg = self.config
+        ids = _check_ids(input_ids, cfg.vocab_size, min_length=1)
+        hidden, _ = self._embed(ids, None, False)
+        for i in range(cfg.num_hidden_layers):
+            hidden, _ = self._block_forward(i, hidden, None, False)
+        final, _ = op.rms_norm_forward(hidden, self.params["backbone.norm_f.weight"], cfg.layer_norm_epsilon)
+        return final @ self.head_weight().T  # (b, l, V)
+
     def loss(self, input_ids, labels=None) -> float:
         """The loss alone (no dropout, nothing kept for a backward)."""
         return float(self._forward(input_ids, labels, None, training=False, keep=False)[0])
@@ -224,10 +234,11 @@ class TrainingModel:
         return float(loss), grads
 
 
-def _check_ids(input_ids, vocab_size):
+def _check_ids(input_ids, vocab_size, min_length=2):
     ids = np.asarray(input_ids)
-    if ids.ndim != 2 or ids.shape[1] < 2:
-        raise ValueError(f"input_ids must have shape (batch, length >= 2) for a next-token loss, got {ids.shape}")
+    if ids.ndim != 2 or ids.shape[1] < min_length:
+        raise ValueError(f"input_ids must have shape (batch, length >= {min_length})"
+                         f"{' for a next-token loss' if min_length == 2 else ''}, got {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
     if ids.min() < 0 or ids.max() >= vocab_size:
