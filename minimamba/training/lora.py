@@ -122,6 +122,9 @@ DEFAULT_TARGETS = ("x_proj", "embeddings", "in_proj")
 # _check_lora_target_modules_mamba): mamba_ssm's fused CUDA path reads out_proj.weight
 # directly and would skip the adapter. minimamba trains an out_proj adapter correctly,
 # but PEFT cannot load such a file; merge it instead (`merge_adapters`).
+# NOTE: transformers 5.24's Mamba computes `self.dt_proj.weight @ time_step` instead of
+# calling dt_proj, so PEFT's dt_proj adapter is silently skipped in its unmerged forward.
+# minimamba applies a dt_proj adapter; merge it before comparing with transformers + PEFT.
 SUPPORTED_TARGETS = ("x_proj", "embeddings", "in_proj", "dt_proj", "out_proj")
 
 
