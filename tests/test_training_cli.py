@@ -69,10 +69,11 @@ def test_trained_checkpoint_generates_text(trained):
 
 
 def test_resume_gives_the_same_weights(tmp_path, trained):
-    """2 steps, stop, --resume to 4: the same weights as 4 steps in one go (same batches, same optimiser state)."""
+    """Stop after 2 of 4 steps, --resume: the same weights as 4 steps in one go (same batches, lr, optimiser state)."""
     out_once, _ = trained
     out = tmp_path / "resumed"
-    train(out, 2)
+    proc = train(out, 4, "--stop-after", 2)
+    assert "--stop-after reached at step 2" in proc.stderr
     train(out, 4, "--resume")
     once = MambaForCausalLM.from_pretrained(out_once).state_dict()
     resumed = MambaForCausalLM.from_pretrained(out).state_dict()

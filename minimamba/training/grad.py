@@ -22,7 +22,7 @@ from ..config import MambaConfig
 from . import backward as op
 from . import lora as lora_ops
 
-SCAN_IMPLS = ("numba", "numpy")
+SCAN_IMPLS = ("auto", "numba", "numpy")
 
 
 class TrainingModel:
@@ -32,10 +32,11 @@ class TrainingModel:
         config: the MambaConfig.
         params: {transformers name: array}; float32 for training, float64 for gradient checks.
         adapters: {module name: lora.LoraAdapter} or None; with adapters the base weights are frozen.
-        scan: "numba" (kernels/cpu_backward.py, chunked recompute) or "numpy" (the readable loop).
+        scan: "numba" (kernels/cpu_backward.py, chunked recompute), "numpy" (the readable loop),
+            or "auto": numba when it is installed.
     """
 
-    def __init__(self, config: MambaConfig, params: dict, adapters: dict | None = None, scan="numba",
+    def __init__(self, config: MambaConfig, params: dict, adapters: dict | None = None, scan="auto",
                  scan_chunk=64):
         if scan not in SCAN_IMPLS:
             raise ValueError(f"scan must be one of {SCAN_IMPLS}, got {scan!r}")
@@ -43,12 +44,18 @@ class TrainingModel:
         self.params = params
         self.adapters = adapters or {}
         self.train_base = not self.adapters
+        if scan in ("auto", "numba"):
+            try:
+                from ..kernels import cpu_backward
+
+                self._kernels = cpu_backward
+                scan = "numba"
+            except ImportError:
+                if scan == "numba":
+                    raise ImportError("scan='numba' needs numba: pip install 'minimamba[fast]'") from None
+                scan = "numpy"
         self.scan = scan
         self.scan_chunk = scan_chunk
-        if scan == "numba":
-            from ..kernels import cpu_backward
-
-            self._kernels = cpu_backward
 
     # ------------------------------------------------------------ trainable parameters
 

@@ -45,6 +45,7 @@ class LoopOptions:
     log_every: int = 10
     seed: int = 0
     max_minutes: float = 0.0  # 0: no limit
+    stop_after: int = 0  # stop (with a checkpoint) after this step, the schedule still planned for `steps`; 0: no
 
 
 class Progress:
@@ -138,7 +139,8 @@ def run(model, train_ids, val_ids, opts: LoopOptions, out_dir, save_checkpoint, 
                                      "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tok_s, 1)})
             window_t, window_tokens = now, 0
         progress.update(state["step"], loss, lr, tok_s, state["train_seconds"])
-        last = state["step"] == opts.steps or time.time() > deadline
+        stop_early = state["step"] == opts.stop_after or time.time() > deadline
+        last = state["step"] == opts.steps or stop_early
         if opts.eval_every and (state["step"] % opts.eval_every == 0 or last):
             val = evaluate(model, val_ids, opts.batch_size, opts.seq_len, opts.eval_batches)
             state["history"].append({"step": state["step"], "val_loss": round(val, 5),
@@ -150,9 +152,9 @@ def run(model, train_ids, val_ids, opts: LoopOptions, out_dir, save_checkpoint, 
             state["train_loss"] = loss
             _save(out_dir, save_checkpoint, optimizer, sampler, dropout_rng, state)
             progress.message(f"step {state['step']}: checkpoint saved to {out_dir}")
-        if time.time() > deadline and state["step"] < opts.steps:
-            progress.message(f"time limit of {opts.max_minutes} min reached at step {state['step']}; "
-                             "rerun with --resume to continue")
+        if stop_early and state["step"] < opts.steps:
+            why = "--stop-after" if state["step"] == opts.stop_after else f"time limit of {opts.max_minutes} min"
+            progress.message(f"{why} reached at step {state['step']}; rerun with --resume to continue")
             break
     state["tokens_per_s"] = state["train_tokens"] / max(state["train_seconds"], 1e-9)
     return state

@@ -52,6 +52,8 @@ def _add_loop_args(p):
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop (with a checkpoint) after this long")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop (with a checkpoint) after this step; the schedule still plans for --steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 
 
@@ -60,7 +62,7 @@ def loop_options(args) -> LoopOptions:
                        grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                        clip=args.clip, eval_every=args.eval_every, eval_batches=args.eval_batches,
                        save_every=args.save_every, log_every=args.log_every, seed=args.seed,
-                       max_minutes=args.max_minutes)
+                       max_minutes=args.max_minutes, stop_after=args.stop_after)
     for name in ("steps", "batch_size", "seq_len", "grad_accum"):
         if getattr(opts, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
