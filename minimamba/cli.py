@@ -8,6 +8,8 @@ import sys
 
 from .bench import add_bench_parser
 from .generate_cli import add_generate_parser
+from .training.finetune_cli import add_finetune_parser
+from .training.train_cli import add_train_parser
 
 
 def cmd_info(args):
@@ -46,6 +48,8 @@ def build_parser():
     add_info_parser(sub)
     add_generate_parser(sub)
     add_bench_parser(sub)
+    add_train_parser(sub)
+    add_finetune_parser(sub)
     return parser
 
 
