@@ -55,6 +55,11 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from minimamba.ops import array_module, check_shape, compute_dtype, _check_scan_args
 
+# NOTE: numba-cuda 0.30.x registers an overload for np.row_stack, which NumPy 2.5 removed, so its
+# first compile fails with AttributeError on NumPy >= 2.5. Restore the alias NumPy 2.0-2.4 had.
+if not hasattr(np, "row_stack"):
+    np.row_stack = np.vstack
+
 
 def _simulator_enabled() -> bool:
     for path in ("numba.cuda.core.config", "numba.core.config"):
