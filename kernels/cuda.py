@@ -74,7 +74,8 @@ def _simulator_enabled() -> bool:
 
 SIMULATOR = _simulator_enabled()
 THREADS = 128  # threads per block of every 1-D launch (tests lower it to cross block edges)
-V1_MIN_ROWS = 32768  # selective_scan_fn picks v1 when b * d reaches this (else chunked, for l > 64)
+V1_MIN_ROWS = 1 << 20  # selective_scan_fn picks v1 when b * d reaches this or l <= 64, else chunked
+# (on an H200, chunked beat v1 3x even at b * d = 24576, l = 8192)
 CHUNK_TARGET_THREADS = 4 * 132 * 256  # chunked: aim for about this many threads (4 waves of 256 on an H100/H200)
 MIN_CHUNK = 16  # chunked: shortest chunk of l one thread walks
 
@@ -113,9 +114,19 @@ def _scan_functions(n, dtype):
             a[i] = A[c, i]
         skip = D[c] if has_D else ZERO
         bias = delta_bias[c] if has_bias else ZERO
+        # The next step's inputs are loaded a step ahead, so their memory latency overlaps this step's math.
+        x_next = u[bi, c, 0] if l > 0 else ZERO
+        d_next = delta[bi, c, 0] if l > 0 else ZERO
+        g_next = z[bi, c, 0] if (has_z and l > 0) else ZERO
         for t in range(l):
-            x = u[bi, c, t]
-            dt = delta[bi, c, t] + bias
+            x = x_next
+            dt = d_next + bias
+            g = g_next
+            if t + 1 < l:
+                x_next = u[bi, c, t + 1]
+                d_next = delta[bi, c, t + 1]
+                if has_z:
+                    g_next = z[bi, c, t + 1]
             if softplus and dt <= THRESHOLD:
                 dt = math.log1p(math.exp(dt))
             dtx = dt * x
@@ -125,7 +136,6 @@ def _scan_functions(n, dtype):
                 y += h[i] * C[bi, gc, i, t]  # y_t = C_t . h_t
             y += skip * x
             if has_z:
-                g = z[bi, c, t]
                 y = y * g / (ONE + math.exp(-g))  # y * silu(z)
             out[bi, c, t] = y
         for i in range(N):
@@ -151,12 +161,18 @@ def _scan_functions(n, dtype):
         total_dt = ZERO
         t0 = j * chunk_len
         t1 = min(t0 + chunk_len, l)
+        x_next = u[bi, c, t0] if t0 < t1 else ZERO  # prefetched a step ahead, as in scan_v1
+        d_next = delta[bi, c, t0] if t0 < t1 else ZERO
         for t in range(t0, t1):
-            dt = delta[bi, c, t] + bias
+            x = x_next
+            dt = d_next + bias
+            if t + 1 < t1:
+                x_next = u[bi, c, t + 1]
+                d_next = delta[bi, c, t + 1]
             if softplus and dt <= THRESHOLD:
                 dt = math.log1p(math.exp(dt))
             total_dt += dt
-            dtx = dt * u[bi, c, t]
+            dtx = dt * x
             for i in range(N):
                 h[i] = math.exp(dt * a[i]) * h[i] + dtx * B[bi, gb, i, t]
         for i in range(N):
@@ -201,9 +217,18 @@ def _scan_functions(n, dtype):
         bias = delta_bias[c] if has_bias else ZERO
         t0 = j * chunk_len
         t1 = min(t0 + chunk_len, l)
+        x_next = u[bi, c, t0] if t0 < t1 else ZERO  # prefetched a step ahead, as in scan_v1
+        d_next = delta[bi, c, t0] if t0 < t1 else ZERO
+        g_next = z[bi, c, t0] if (has_z and t0 < t1) else ZERO
         for t in range(t0, t1):
-            x = u[bi, c, t]
-            dt = delta[bi, c, t] + bias
+            x = x_next
+            dt = d_next + bias
+            g = g_next
+            if t + 1 < t1:
+                x_next = u[bi, c, t + 1]
+                d_next = delta[bi, c, t + 1]
+                if has_z:
+                    g_next = z[bi, c, t + 1]
             if softplus and dt <= THRESHOLD:
                 dt = math.log1p(math.exp(dt))
             dtx = dt * x
@@ -213,7 +238,6 @@ def _scan_functions(n, dtype):
                 y += h[i] * C[bi, gc, i, t]
             y += skip * x
             if has_z:
-                g = z[bi, c, t]
                 y = y * g / (ONE + math.exp(-g))
             out[bi, c, t] = y
         if j == nchunks - 1:
@@ -358,7 +382,10 @@ def _kernel(name, n, dtype_name):
     if SIMULATOR:
         return cuda.jit(py_func)
     # fastmath (exp via ex2.approx, flush-to-zero) in float32 only; float64 is the ground-truth mode.
-    return cuda.jit(kernel_signatures(dtype)[name], fastmath=dtype == np.float32)(py_func)
+    # Compiled lazily for the exact argument types (array layouts), so that each launch finds its
+    # kernel in the dispatcher's type cache; `kernel_signatures` gives the general ('A' layout)
+    # signatures the compile_ptx test checks.
+    return cuda.jit(fastmath=dtype == np.float32)(py_func)
 
 
 # ---------------------------------------------------------------- arrays, streams, launches
@@ -384,7 +411,24 @@ def _arg(array):
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
         return FakeCUDAArray(np.asarray(array))
-    return cuda.as_cuda_array(array, sync=False)  # same stream as CuPy: no need to synchronise
+    return _DeviceView(array)
+
+
+class _DeviceView:
+    """A CuPy array's __cuda_array_interface__ without its "stream" entry.
+
+    Numba synchronises the exporter's stream for every array argument that names one
+    (CUDA Array Interface v3); the kernels run on that very stream, so the wait is
+    needless, and it would stall every launch and break CUDA-graph capture.
+    """
+
+    __slots__ = ("__cuda_array_interface__", "owner")
+
+    def __init__(self, array):
+        interface = dict(array.__cuda_array_interface__)
+        interface.pop("stream", None)
+        self.__cuda_array_interface__ = interface
+        self.owner = array  # keeps the memory alive until the launch is queued
 
 
 _streams = {}

@@ -224,14 +224,11 @@ def accuracy(models, results):
             got.append(gpu(step, cache_params=cache, use_cache=True).logits)
         errors = [relative_error(cupy.asnumpy(g), r) for g, r in zip(got, ref_logits)]
         rel, abs_ = max(e[0] for e in errors), max(e[1] for e in errors)
-        no_cache = relative_error(cupy.asnumpy(gpu(ids).logits), ref(ids).logits)[0] if impl == "cuda" else None
+        no_cache = relative_error(cupy.asnumpy(gpu(ids).logits), ref(ids).logits)[0]
         say(f"GPU float32 impl={impl:5s} vs CPU float64: max rel err {rel:.2e} (max abs {abs_:.2e}) over "
-            f"prefill + 4 decode steps" + (f"; no-cache forward {no_cache:.2e}" if no_cache is not None else ""))
-        results[f"err_{impl}"] = rel
+            f"prefill + 4 decode steps; no-cache forward {no_cache:.2e}")
+        results[f"err_{impl}"], results[f"err_{impl}_nocache"] = rel, no_cache
     gpu._set_kernels(resolve_impl("cuda", "cupy"))
-    verdict = "PASS" if results["err_cuda"] <= 1e-4 else "FAIL"
-    say(f"logits check (cuda float32 within 1e-4 relative of float64): {verdict}")
-    results["logits_check"] = verdict
 
 
 def prefill_bench(models, results, lengths):
@@ -276,7 +273,12 @@ def decode_bench(models, results, batch, eager_steps, graph_steps):
     # graph replay, checked against eager steps from the same prefilled state
     eager_cache, eager_tokens = prefilled()
     graph_cache, graph_tokens = prefilled()
-    step = GraphDecodeStep(gpu, graph_cache, greedy=True)
+    try:
+        step = GraphDecodeStep(gpu, graph_cache, greedy=True)
+    except Exception as err:  # noqa: BLE001 - e.g. CuPy refusing cuBLAS calls during capture
+        say(f"CUDA graph capture failed: {type(err).__name__}: {err}")
+        results[f"decode_b{batch}_graph_error"] = f"{type(err).__name__}: {err}"
+        return
     step.tokens[...] = graph_tokens
     box = [eager_tokens]
     diffs = [float(cupy.abs(step() - eager_step(eager_cache, box)).max()) for _ in range(3)]
@@ -426,6 +428,12 @@ def table(results):
         a, b = results.get(ours), results.get(theirs)
         return "-" if a is None or b is None else f"{a / b:.1f}x"
 
+    ours, torch_err = results.get("err_cuda_nocache"), results.get("err_torch")
+    if ours is not None:
+        # DESIGN.md contract 11: float32 error no worse than transformers' own float32 error (25% slack
+        # for the different summation orders); 1e-3 relative when transformers did not run.
+        limit = 1.25 * torch_err if torch_err is not None else 1e-3
+        results["logits_check"] = f"{'PASS' if ours <= limit else 'FAIL'} ({ours:.1e} vs limit {limit:.1e})"
     best_b1 = max(results.get("decode_b1_eager") or 0, results.get("decode_b1_graph") or 0) or None
     best_b64 = max(results.get("decode_b64_eager") or 0, results.get("decode_b64_graph") or 0) or None
     results["decode_b1_best"], results["decode_b64_best"] = best_b1, best_b64
@@ -443,7 +451,9 @@ def table(results):
         ("scan 1x1536x8192 v1", scan("scan_1x8192_v1"), "", "", ""),
         ("scan 16x1536x8192 v1", scan("scan_16x8192_v1"), "", "", ""),
         ("scan 16x1536x8192 chunked", scan("scan_16x8192_chunked"), "", "", ""),
-        ("logits rel err vs f64 CPU", _e(results.get("err_cuda")), _e(results.get("err_torch")), "<= 1e-4", ""),
+        ("logits rel err vs f64 CPU (no cache)", _e(results.get("err_cuda_nocache")), _e(results.get("err_torch")),
+         "<= transformers'", ""),
+        ("  same, prefill + 4 decode steps", _e(results.get("err_cuda")), "", "", ""),
     ]
     widths = [max(len(r[i]) for r in rows + [("", "minimamba (CuPy+Numba)", "transformers (torch)", "target", "ratio")])
               for i in range(5)]
@@ -465,6 +475,9 @@ def table(results):
         verdicts.append(f"scan 8192 {'MET' if scan_8k[0] >= 0.5 * CARD_BANDWIDTH else 'MISSED'} "
                         f"({scan_8k[0] / CARD_BANDWIDTH:.0%})")
     lines.append("targets: " + "; ".join(verdicts))
+    for batch in (1, 64):
+        if results.get(f"decode_b{batch}_graph_error"):
+            lines.append(f"CUDA graph, batch {batch}: {results[f'decode_b{batch}_graph_error'][:160]}")
     if results.get("errors"):
         lines.append(f"sections with errors: {', '.join(results['errors'])}")
     lines.append(f"total time {elapsed():.0f}s")
@@ -530,7 +543,7 @@ def main(argv=None):
         Path(out, "gpu_check.txt").write_text(text + "\n")
         Path(out, "gpu_check_log.txt").write_text(_log.getvalue())
         say(f"wrote {out}/gpu_check.txt and gpu_check_log.txt")
-    return 1 if results.get("errors") or results.get("logits_check") == "FAIL" else 0
+    return 1 if results.get("errors") or str(results.get("logits_check", "")).startswith("FAIL") else 0
 
 
 if __name__ == "__main__":
