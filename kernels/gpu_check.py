@@ -109,6 +109,26 @@ def event_time(fn, reps, warmup=1):
     return cupy.cuda.get_elapsed_time(begin, end) / 1e3 / reps
 
 
+def queued_time(fn, reps=3):
+    """Seconds per call of fn's GPU work alone: the launches queue behind ~4 ms of busy work, so
+    the events bracket the kernels back to back, without the host's launch time between them."""
+    import cupy
+
+    busy = cupy.ones(2**27, dtype=cupy.float32)  # 512 MiB: each pass ~0.25 ms of GPU time
+    fn()
+    begin, end = cupy.cuda.Event(), cupy.cuda.Event()
+    total = 0.0
+    for _ in range(reps):
+        for _ in range(16):
+            busy *= 1.0
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        total += cupy.cuda.get_elapsed_time(begin, end) / 1e3
+    return total / reps
+
+
 def torch_sync():
     import torch
 
@@ -321,8 +341,8 @@ def scan_bench(results):
         args = inputs(b, l)
         nbytes = 4 * (4 * b * d * l + 2 * b * n * l + b * d * n + d * n + 2 * d)  # u, delta, z, out; B, C; state
         for version in versions:
-            seconds = event_time(lambda: kc.selective_scan_fn(**args, delta_softplus=True, return_last_state=True,
-                                                              version=version), reps=5, warmup=1)
+            seconds = queued_time(lambda: kc.selective_scan_fn(**args, delta_softplus=True, return_last_state=True,
+                                                               version=version))
             bw = nbytes / seconds
             results[f"scan_{b}x{l}_{version}"] = (bw, seconds)
             say(f"scan b={b:2d} l={l:5d} {version:7s}: {seconds * 1e6:9.1f} us, {bw / 1e9:7.0f} GB/s = "
@@ -348,6 +368,22 @@ def launch_overhead(models, results):
     say(f"selective_state_update call (b=1, 130m shape), wall: {seconds * 1e6:.1f} us per call")
     seconds_cupy = wall(lambda: x + 1, reps=300, warmup=3)
     say(f"a one-kernel CuPy op (x + 1), wall: {seconds_cupy * 1e6:.1f} us per call")
+    # where a numba launch spends its time: building the argument views, then launching
+    arrays = [state, x, x, A, B[:, None, :], B[:, None, :], D, x, D, x]
+    seconds = wall(lambda: [kc._arg(a) for a in arrays], reps=300, warmup=3)
+    say(f"  10 kernel-argument views (_DeviceView): {seconds * 1e6:.1f} us")
+    views = [kc._arg(a) for a in arrays]
+    kernel = kc._kernel("state_update", n, "float32")
+    seconds = wall(lambda: kernel[12, 128, 0](*views, 1, 1, 1, 1), reps=300, warmup=3)
+    say(f"  numba launch of state_update with prepared views: {seconds * 1e6:.1f} us")
+    from numba import cuda
+
+    @cuda.jit
+    def empty(a):
+        pass
+
+    seconds = wall(lambda: empty[1, 32, 0](views[0]), reps=300, warmup=3)
+    say(f"  numba launch of an empty kernel with one array: {seconds * 1e6:.1f} us")
     results["launch_us"] = seconds * 1e6
 
 
