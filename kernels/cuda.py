@@ -664,3 +664,85 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
         conv_state[...] = work
     out = _finish_dtype(out, x.dtype)
     return out[:, :, 0] if single else out
+
+
+# ---------------------------------------------------------------- linear layer (for the captured decode step)
+
+
+LINEAR_TILE = 32  # linear: the slice of the input width staged in shared memory at a time
+LINEAR_ROWS = (1, 4, 16, 64)  # linear: compile-time batch sizes; a batch runs in the smallest that holds it
+
+
+def _linear_functions(rows, dtype):
+    """linear for up to `rows` input rows."""
+    BM, TK = rows, LINEAR_TILE
+    ZERO = np.dtype(dtype).type(0.0)
+    ht = numba.from_dtype(np.dtype(dtype))
+
+    def linear(x, weight, out, nrows):
+        # One thread per output feature o, all batch rows at once: the weight row is read once
+        # per call, the (rows, TK) input tile is shared by the block.
+        o = cuda.grid(1)
+        tid = cuda.threadIdx.x
+        nout, k = weight.shape
+        tile = cuda.shared.array((BM, TK), ht)
+        acc = cuda.local.array(BM, ht)
+        for r in range(BM):
+            acc[r] = ZERO
+        for k0 in range(0, k, TK):
+            for e in range(tid, BM * TK, cuda.blockDim.x):
+                r = e // TK
+                kk = e - r * TK
+                tile[r, kk] = x[r, k0 + kk] if (r < nrows and k0 + kk < k) else ZERO
+            cuda.syncthreads()
+            if o < nout:
+                for kk in range(TK):
+                    if k0 + kk < k:
+                        w = weight[o, k0 + kk]
+                        for r in range(BM):
+                            acc[r] += w * tile[r, kk]
+            cuda.syncthreads()
+        if o < nout:
+            for r in range(BM):
+                if r < nrows:
+                    out[r, o] = acc[r]
+
+    return dict(linear=linear)
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_kernel(rows, dtype_name):
+    py_func = _linear_functions(rows, np.dtype(dtype_name))["linear"]
+    if SIMULATOR:
+        return cuda.jit(py_func)
+    return cuda.jit(fastmath=np.dtype(dtype_name) == np.float32)(py_func)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T (+ bias) without cuBLAS (so that CuPy lets a CUDA graph capture it).
+
+    Args: x (b, k), any strides; weight (o, k); bias (o,) or None. Returns (b, o).
+    Built for decode steps (small b): the weights are streamed once per call.
+    """
+    for name, array in (("x", x), ("weight", weight), ("bias", bias)):
+        if array is not None:
+            _check_array("linear", name, array)
+    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear: x has shape {tuple(x.shape)} and weight {tuple(weight.shape)}; "
+                         "expected (b, k) and (o, k)")
+    check_shape("bias", bias, (weight.shape[0],))
+    xp = array_module(x)
+    ct = compute_dtype(x, weight)
+    b, o = x.shape[0], weight.shape[0]
+    out = xp.empty((b, o), dtype=ct)
+    a_w = _arg(weight.astype(ct, copy=False))
+    xc = x.astype(ct, copy=False)
+    for start in range(0, b, LINEAR_ROWS[-1]):
+        rows = min(b - start, LINEAR_ROWS[-1])
+        bucket = next(size for size in LINEAR_ROWS if size >= rows)
+        kernel = _linear_kernel(bucket, ct.name)
+        blocks = max(1, -(-o // THREADS))
+        kernel[blocks, THREADS, _stream()](_arg(xc[start:start + rows]), a_w, _arg(out[start:start + rows]), rows)
+    if bias is not None:
+        out += bias.astype(ct, copy=False)
+    return out

@@ -1,9 +1,16 @@
-"""A decode step of a CuPy model captured once as a CUDA graph, then replayed.
+"""A decode step of a model on CuPy captured once as a CUDA graph, then replayed.
 
 One decode step of the 130m model is some 400 small launches (24 layers of
-norm, three projections, conv, scan, gates), each a few microseconds of GPU
-work behind tens of microseconds of Python. Capturing the step once through
-CuPy's stream capture and replaying the graph submits all of them in one call.
+norm, projections, conv, scan, gates), each a few microseconds of GPU work
+behind tens of microseconds of Python. Capturing the step once through CuPy's
+stream capture and replaying the graph submits all of them in one call.
+
+NOTE: CuPy (13, 14) refuses any cuBLAS call while a stream is capturing
+("calling cuBLAS API during stream capture is currently unsupported"), so the
+model's own `@` cannot be captured. `decode_logits` is therefore the decode
+step written out with `minimamba.kernels.cuda.linear` (a Numba kernel) for the
+projections, the CUDA conv and state-update kernels, and CuPy elementwise ops
+and reductions; tests/gpu checks it against the model's own decode step.
 
     step = GraphDecodeStep(model, cache)        # after a prefill into `cache`
     logits = step(next_tokens)                  # (b, V), advances the cache by one token
@@ -17,6 +24,42 @@ the next call. With greedy=True the graph also writes argmax(logits) into
 from __future__ import annotations
 
 
+def decode_logits(model, cache, tokens, A=None):
+    """One decode step through `cache` (updated in place): tokens (b,) -> logits (b, V).
+
+    The model's decode step (MambaForCausalLM.__call__ with l = 1) without cuBLAS.
+    `A` is the per-layer list of -exp(A_log), computed here when not given.
+    """
+    from minimamba.kernels import cuda as kc
+    from minimamba.ops import rms_norm
+
+    config, backbone = model.config, model.backbone
+    e, n, r, eps = config.intermediate_size, config.state_size, config.time_step_rank, config.layer_norm_epsilon
+    if A is None:
+        A = [-array_exp(layer.mixer.A_log) for layer in backbone.layers]
+    hidden = backbone.embeddings_weight[tokens]  # (b, d)
+    for i, layer in enumerate(backbone.layers):
+        m = layer.mixer
+        normed = rms_norm(hidden, layer.norm_weight, eps)  # (b, d)
+        xz = kc.linear(normed, m.in_proj_weight, m.in_proj_bias)  # (b, 2e): x, then the gate z
+        x = kc.causal_conv1d_update(xz[:, :e], cache.conv_states[i], m.conv1d_weight[:, 0, :], m.conv1d_bias,
+                                    activation="silu")  # (b, e)
+        x_dbl = kc.linear(x, m.x_proj_weight)  # (b, r + 2n)
+        dt = kc.linear(x_dbl[:, :r], m.dt_proj_weight)  # (b, e); its bias goes inside the softplus
+        y = kc.selective_state_update(cache.ssm_states[i], x, dt, A[i], x_dbl[:, r:r + n], x_dbl[:, r + n:],
+                                      D=m.D, z=xz[:, e:], dt_bias=m.dt_proj_bias, dt_softplus=True)  # (b, e)
+        hidden = hidden + kc.linear(y, m.out_proj_weight, m.out_proj_bias)  # (b, d)
+    hidden = rms_norm(hidden, backbone.norm_f_weight, eps)
+    cache.seqlen_offset += 1
+    return kc.linear(hidden, model.head_weight)  # (b, V)
+
+
+def array_exp(x):
+    from minimamba.ops import array_module
+
+    return array_module(x).exp(x)
+
+
 class GraphDecodeStep:
     def __init__(self, model, cache, greedy=False):
         import cupy
@@ -26,6 +69,7 @@ class GraphDecodeStep:
         if cache.backend.name != "cupy":
             raise ValueError("GraphDecodeStep needs a MambaCache on backend='cupy'")
         self.model, self.cache, self.greedy = model, cache, greedy
+        self.A = [-array_exp(layer.mixer.A_log) for layer in model.backbone.layers]  # (e, n) per layer, fixed
         self.tokens = cupy.zeros((cache.max_batch_size,), dtype=cupy.int64)  # (b,) the graph's input
         self.pool = cupy.cuda.MemoryPool()  # the graph's own memory: never handed to anyone else
         capture_stream = cupy.cuda.Stream(non_blocking=True)
@@ -48,10 +92,7 @@ class GraphDecodeStep:
         cache.seqlen_offset = offset
 
     def _step(self):
-        backbone = self.model.backbone
-        embeds = backbone.embeddings_weight[self.tokens][:, None, :]  # (b, 1, d)
-        out = self.model(inputs_embeds=embeds, cache_params=self.cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]  # (b, V)
+        logits = decode_logits(self.model, self.cache, self.tokens, self.A)  # (b, V)
         if self.greedy:
             self.tokens[...] = logits.argmax(axis=-1)
         return logits

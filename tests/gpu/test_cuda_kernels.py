@@ -223,3 +223,16 @@ def test_the_wrappers_refuse_numpy_end_to_end(kc):
     x = np.zeros((b, d, l), np.float32)
     with pytest.raises(TypeError, match="x is a NumPy array"):
         kc.causal_conv1d_fn(x, np.zeros((d, k), np.float32))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 70])  # 70: more than the largest compile-time batch (64)
+def test_linear(kc, device, rng, rows):
+    to_dev, to_host = device
+    base = rng.standard_normal((rows, 2 * 37))
+    x = base[:, ::2]  # a strided (rows, 37) view: 37 is not a multiple of the 32-wide tile
+    weight = rng.standard_normal((45, 37))
+    bias = rng.standard_normal(45)
+    for dtype, tol in ((np.float32, F32_TOL), (np.float64, F64_TOL)):
+        got = kc.linear(to_dev(base.astype(dtype))[:, ::2], to_dev(weight.astype(dtype)), to_dev(bias.astype(dtype)))
+        assert got.dtype == dtype
+        assert_close(f"linear rows={rows} {np.dtype(dtype).name}", to_host(got), x @ weight.T + bias, tol)

@@ -82,3 +82,24 @@ def test_left_padding_on_cuda_kernels(cupy_backend, kc, tiny_config, rng):
     batch = host(model(ids, attention_mask=mask).logits)
     alone = host(model(ids[1:, 3:]).logits)
     assert_close("left-padded row vs alone", batch[1, 3:], alone[0], TOL)
+
+
+def test_decode_logits_without_cublas_equals_the_model(cupy_backend, kc, tiny_config, rng):
+    """kernels.cuda_graph.decode_logits (the capturable decode step) against the model's own decode."""
+    from minimamba.kernels.cuda_graph import decode_logits
+
+    model = MambaForCausalLM(tiny_config, seed=0).to("cupy", impl="cuda")
+    ids = rng.integers(0, tiny_config.vocab_size, (3, 6))
+    caches = [MambaCache(tiny_config, 3, backend=model.backend) for _ in range(2)]
+    for cache in caches:
+        model(ids, cache_params=cache, use_cache=True)
+    tokens = rng.integers(0, tiny_config.vocab_size, (4, 3))
+    for step in tokens:
+        expected = host(model(step[:, None], cache_params=caches[0], use_cache=True).logits)[:, -1]
+        reset(cupy_backend)
+        got = decode_logits(model, caches[1], model.backend.asarray(step))
+        assert counts(cupy_backend) in (None, (1, 0)), cupy_backend.transfers.log  # the tokens
+        assert_close("decode_logits vs model decode step", host(got), expected, TOL)
+    for a, b in zip(caches[0].ssm_states + caches[0].conv_states, caches[1].ssm_states + caches[1].conv_states):
+        assert_close("cache after the steps", host(b), host(a), TOL)
+    assert caches[1].seqlen_offset == caches[0].seqlen_offset
