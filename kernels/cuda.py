@@ -361,12 +361,14 @@ def kernel_signatures(dtype):
         conv_fwd=v(a3, a3, a2, a1, a3, i, i, i),
         conv_shift=v(a3, a3),
         conv_step=v(a2, a3, a2, a1, a2, i, i),
+        linear=v(a2, a2, a2, i),
     )
 
 
 def kernel_functions(n, dtype):
     """The Python functions of every kernel for state size n and one dtype (for compile checks)."""
-    return {**_scan_functions(n, dtype), **_update_functions(n, dtype), **_conv_functions(dtype)}
+    return {**_scan_functions(n, dtype), **_update_functions(n, dtype), **_conv_functions(dtype),
+            **_linear_functions(LINEAR_ROWS[-1], dtype)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -669,43 +671,44 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
 # ---------------------------------------------------------------- linear layer (for the captured decode step)
 
 
-LINEAR_TILE = 32  # linear: the slice of the input width staged in shared memory at a time
 LINEAR_ROWS = (1, 4, 16, 64)  # linear: compile-time batch sizes; a batch runs in the smallest that holds it
 
 
 def _linear_functions(rows, dtype):
     """linear for up to `rows` input rows."""
-    BM, TK = rows, LINEAR_TILE
+    BM = rows
+    MAXT = 128  # the largest block this kernel is launched with (THREADS)
     ZERO = np.dtype(dtype).type(0.0)
     ht = numba.from_dtype(np.dtype(dtype))
 
     def linear(x, weight, out, nrows):
-        # One thread per output feature o, all batch rows at once: the weight row is read once
-        # per call, the (rows, TK) input tile is shared by the block.
-        o = cuda.grid(1)
+        # One block per output feature o; its threads split the input width (coalesced reads of
+        # the weight row, read once for all batch rows), then add their partial sums in shared memory.
+        o = cuda.blockIdx.x
         tid = cuda.threadIdx.x
-        nout, k = weight.shape
-        tile = cuda.shared.array((BM, TK), ht)
+        nthreads = cuda.blockDim.x
+        k = weight.shape[1]
+        partial = cuda.shared.array((BM, MAXT), ht)
         acc = cuda.local.array(BM, ht)
         for r in range(BM):
             acc[r] = ZERO
-        for k0 in range(0, k, TK):
-            for e in range(tid, BM * TK, cuda.blockDim.x):
-                r = e // TK
-                kk = e - r * TK
-                tile[r, kk] = x[r, k0 + kk] if (r < nrows and k0 + kk < k) else ZERO
-            cuda.syncthreads()
-            if o < nout:
-                for kk in range(TK):
-                    if k0 + kk < k:
-                        w = weight[o, k0 + kk]
-                        for r in range(BM):
-                            acc[r] += w * tile[r, kk]
-            cuda.syncthreads()
-        if o < nout:
+        for kk in range(tid, k, nthreads):
+            w = weight[o, kk]
             for r in range(BM):
                 if r < nrows:
-                    out[r, o] = acc[r]
+                    acc[r] += w * x[r, kk]
+        for r in range(BM):
+            partial[r, tid] = acc[r]
+        cuda.syncthreads()
+        step = nthreads // 2
+        while step > 0:  # tree sum over the block (nthreads is a power of two)
+            if tid < step:
+                for r in range(BM):
+                    partial[r, tid] += partial[r, tid + step]
+            cuda.syncthreads()
+            step //= 2
+        for r in range(tid, nrows, nthreads):
+            out[r, o] = partial[r, 0]
 
     return dict(linear=linear)
 
@@ -722,7 +725,8 @@ def linear(x, weight, bias=None):
     """x @ weight.T (+ bias) without cuBLAS (so that CuPy lets a CUDA graph capture it).
 
     Args: x (b, k), any strides; weight (o, k); bias (o,) or None. Returns (b, o).
-    Built for decode steps (small b): the weights are streamed once per call.
+    Built for decode steps (small b): one block per output feature, so each weight row is
+    read once, coalesced, for all batch rows.
     """
     for name, array in (("x", x), ("weight", weight), ("bias", bias)):
         if array is not None:
@@ -737,12 +741,13 @@ def linear(x, weight, bias=None):
     out = xp.empty((b, o), dtype=ct)
     a_w = _arg(weight.astype(ct, copy=False))
     xc = x.astype(ct, copy=False)
+    if THREADS > 128 or THREADS & (THREADS - 1):
+        raise ValueError(f"linear needs THREADS to be a power of two <= 128, got {THREADS}")
     for start in range(0, b, LINEAR_ROWS[-1]):
         rows = min(b - start, LINEAR_ROWS[-1])
         bucket = next(size for size in LINEAR_ROWS if size >= rows)
         kernel = _linear_kernel(bucket, ct.name)
-        blocks = max(1, -(-o // THREADS))
-        kernel[blocks, THREADS, _stream()](_arg(xc[start:start + rows]), a_w, _arg(out[start:start + rows]), rows)
+        kernel[o, THREADS, _stream()](_arg(xc[start:start + rows]), a_w, _arg(out[start:start + rows]), rows)
     if bias is not None:
         out += bias.astype(ct, copy=False)
     return out

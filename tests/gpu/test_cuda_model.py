@@ -84,16 +84,17 @@ def test_left_padding_on_cuda_kernels(cupy_backend, kc, tiny_config, rng):
     assert_close("left-padded row vs alone", batch[1, 3:], alone[0], TOL)
 
 
-def test_decode_logits_without_cublas_equals_the_model(cupy_backend, kc, tiny_config, rng):
+def test_decode_logits_without_cublas_equals_the_model(cupy_backend, kc, monkeypatch, tiny_config, rng):
     """kernels.cuda_graph.decode_logits (the capturable decode step) against the model's own decode."""
     from minimamba.kernels.cuda_graph import decode_logits
 
+    monkeypatch.setattr(kc, "THREADS", 8)  # linear runs one block per output: small blocks, fast simulator
     model = MambaForCausalLM(tiny_config, seed=0).to("cupy", impl="cuda")
     ids = rng.integers(0, tiny_config.vocab_size, (3, 6))
     caches = [MambaCache(tiny_config, 3, backend=model.backend) for _ in range(2)]
     for cache in caches:
         model(ids, cache_params=cache, use_cache=True)
-    tokens = rng.integers(0, tiny_config.vocab_size, (4, 3))
+    tokens = rng.integers(0, tiny_config.vocab_size, (1, 3))  # one step: the simulator runs ~400 blocks per step
     for step in tokens:
         expected = host(model(step[:, None], cache_params=caches[0], use_cache=True).logits)[:, -1]
         reset(cupy_backend)
