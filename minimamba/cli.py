@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from .generate_cli import add_generate_parser
 
 
 def cmd_info(args):
@@ -40,6 +43,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     # Each command lives beside the code it drives; its module adds its own subparser.
     add_info_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 
@@ -51,6 +55,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
         print(f"minimamba {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `minimamba info ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def check_shape(name, array, expected):
 def silu(x):
     """x * sigmoid(x), written to stay finite for large |x|."""
     xp = array_module(x)
-    return x / (1 + xp.exp(-x))
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x << 0 gives x / inf = -0, the right limit
+        return x / (1 + xp.exp(-x))
 
 
 def softplus(x, threshold=20.0):
@@ -196,7 +197,7 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
     return b, d, l, n
 
 
-def _per_channel(M, d, ct):
+def _per_channel(M, d, l, ct):
     """B or C as an array that broadcasts against (b, d, n, l).
 
     (d, n) is input-independent (S4), (b, n, l) is selective (Mamba: one B_t
@@ -204,8 +205,8 @@ def _per_channel(M, d, ct):
     """
     xp = array_module(M)
     M = M.astype(ct, copy=False)
-    if M.ndim == 2:
-        return M[None, :, :, None]  # (1, d, n, 1)
+    if M.ndim == 2:  # the same B at every time step: repeat it (a view) so [..., t] works for any t
+        return xp.broadcast_to(M[None, :, :, None], (1,) + M.shape + (l,))  # (1, d, n, l)
     if M.ndim == 3:
         return M[:, None, :, :]  # (b, 1, n, l)
     return xp.repeat(M, d // M.shape[1], axis=1)  # (b, d, n, l)
@@ -257,8 +258,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     u, delta, A = _discretize(u, delta, A, delta_bias, delta_softplus, ct)
     b, d, l = u.shape
     n = A.shape[1]
-    B = _per_channel(B, d, ct)  # broadcasts to (b, d, n, l)
-    C = _per_channel(C, d, ct)
+    B = _per_channel(B, d, l, ct)  # broadcasts to (b, d, n, l)
+    C = _per_channel(C, d, l, ct)
     h = xp.zeros((b, d, n), dtype=ct) if initial_state is None else initial_state.astype(ct)  # (b, d, n)
     y = xp.empty((b, d, l), dtype=ct)
     for t in range(l):
@@ -287,8 +288,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     u, delta, A = _discretize(u, delta, A, delta_bias, delta_softplus, ct)
     b, d, l = u.shape
     n = A.shape[1]
-    B = _per_channel(B, d, ct)
-    C = _per_channel(C, d, ct)
+    B = _per_channel(B, d, l, ct)
+    C = _per_channel(C, d, l, ct)
     h = xp.zeros((b, d, n), dtype=ct) if initial_state is None else initial_state.astype(ct)
     y = xp.empty((b, d, l), dtype=ct)
     for start in range(0, l, chunk_size):
@@ -332,8 +333,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     xp = array_module(x)
     ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     u = x.astype(ct, copy=False)
-    B = _per_channel(B[..., None], d, ct)[..., 0] if B.ndim == 3 else B.astype(ct)[:, None, :]  # (b, 1|d, n)
-    C = _per_channel(C[..., None], d, ct)[..., 0] if C.ndim == 3 else C.astype(ct)[:, None, :]
+    B = _per_channel(B[..., None], d, 1, ct)[..., 0] if B.ndim == 3 else B.astype(ct)[:, None, :]  # (b, 1|d, n)
+    C = _per_channel(C[..., None], d, 1, ct)[..., 0] if C.ndim == 3 else C.astype(ct)[:, None, :]
     dt = dt.astype(ct, copy=False)
     if dt_bias is not None:
         dt = dt + dt_bias.astype(ct)

@@ -83,7 +83,8 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from None
-        data = f.read()
+        data = bytearray(size - 8 - n)  # writable, so the arrays made from it are too (training writes them)
+        data = memoryview(data)[:f.readinto(data)]  # a view, not a second copy
     header.pop("__metadata__", None)
     tensors = {}
     for name, info in header.items():
