@@ -1,6 +1,10 @@
 """The GPU check: run it whenever a GPU is at hand (under 8 minutes on one H200).
 
-    python -m minimamba.kernels.gpu_check [--budget SECONDS] [--skip-tests] [--skip-transformers]
+    python -m minimamba.kernels.gpu_check [--budget SECONDS] [--skip-tests] [--skip-transformers] [--only ...]
+
+(from a source checkout with minimamba installed, `pip install -e .`, or with
+`ln -s ../kernels minimamba/kernels` and PYTHONPATH set to the checkout: tests/gpu
+must sit beside the package). About 80 s on an H200.
 
 1. runs tests/gpu on the GPU (MINIMAMBA_GPU_TESTS=1, CuPy arrays, real kernels);
 2. checks the logits of a random 130m-shape model on the GPU (float32, impl="cuda",
