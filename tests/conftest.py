@@ -7,6 +7,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
+# tests/gpu runs in its own process: NUMBA_ENABLE_CUDASIM=1 (simulator) or MINIMAMBA_GPU_TESTS=1 (a real GPU)
+collect_ignore = [] if "1" in (os.environ.get("NUMBA_ENABLE_CUDASIM"), os.environ.get("MINIMAMBA_GPU_TESTS")) else ["gpu"]
+
 from minimamba import MambaConfig, MambaForCausalLM  # noqa: E402
 
 TINY = dict(vocab_size=61, hidden_size=24, state_size=3, num_hidden_layers=2, conv_kernel=2,

@@ -1,0 +1,54 @@
+"""`cuda.compile_ptx` of every kernel with its explicit signature, no GPU needed.
+
+The simulator runs kernels as Python and checks no types; NVVM does. This runs
+in a child process without NUMBA_ENABLE_CUDASIM (the simulator replaces
+compile_ptx), and skips with the reason when numba-cuda or NVVM is missing
+(NVVM comes with `pip install numba-cuda[cu13]`, or a CUDA toolkit).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gpu_helpers import SIMULATOR
+
+SCRIPT = r"""
+import sys, time
+import numpy as np
+try:
+    from numba import cuda
+    from minimamba.kernels import cuda as kc
+except ImportError as err:
+    print(f"SKIP numba-cuda not importable: {err}"); sys.exit(3)
+cases = [(16, np.float32), (16, np.float64), (3, np.float32)]
+for n, dtype in cases:
+    sigs = kc.kernel_signatures(dtype)
+    for name, func in kc.kernel_functions(n, dtype).items():
+        if n == 3 and not (name.startswith("scan") or name.startswith("chunk") or name == "state_update"):
+            continue
+        start = time.perf_counter()
+        try:
+            ptx, _ = cuda.compile_ptx(func, sigs[name], cc=(9, 0), fastmath=dtype == np.float32)
+        except Exception as err:
+            text = f"{type(err).__name__}: {err}"
+            if any(word in text.lower() for word in ("nvvm", "libnvrtc", "dynamiclibnotfound", "cuda_home")):
+                print(f"SKIP NVVM not available: {text[:300]}"); sys.exit(3)
+            print(f"FAIL {name} n={n} {np.dtype(dtype).name}: {text}"); sys.exit(1)
+        assert ".entry" in ptx, name
+        local = ptx.count("ld.local") + ptx.count("st.local")
+        print(f"ok {name:13s} n={n:2d} {np.dtype(dtype).name}: {len(ptx.splitlines())} PTX lines, "
+              f"{local} local-memory accesses, {time.perf_counter() - start:.1f}s")
+print("ALL OK")
+"""
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="on a GPU the kernels are compiled by the other tests anyway")
+def test_every_kernel_compiles_to_ptx():
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    print(proc.stdout, proc.stderr[-2000:])
+    if proc.returncode == 3:
+        pytest.skip(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
