@@ -305,11 +305,10 @@ for i, c in enumerate(contexts):
     print(f"context {c:>6}: Mamba {mamba_ms[i]:.3f} ms/token, cache {mamba_cache_mb[i]:.3f} MB   |   "
           f"attention {attention_ms[i]:.3f} ms/token, KV cache {kv_cache_mb[i]:.2f} MB")
 
-assert len(set(mamba_cache_mb)) == 1  # the same bytes after 256 or 16384 tokens
-# Constant in theory; a factor 3 allows for timing noise on a busy machine.
-assert mamba_ms[-1] < 3 * mamba_ms[0], "Mamba's decode step should not grow with the context"
-# 64x more keys to read: attention must be clearly slower at 16384 than at 256 (2x is a loose floor)
-assert attention_ms[-1] > 2 * attention_ms[0], "attention's decode step should grow with the context"
+assert len(set(mamba_cache_mb)) == 1  # the same bytes after 256 or 16384 tokens (computed, so asserted)
+# Times are measurements of a (possibly busy) machine: printed and drawn, never asserted.
+print(f"step time at {contexts[-1]} vs {contexts[0]} tokens: Mamba x{mamba_ms[-1] / mamba_ms[0]:.2f}, "
+      f"attention x{attention_ms[-1] / attention_ms[0]:.2f}")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
