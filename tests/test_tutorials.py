@@ -21,7 +21,8 @@ FIGURE_LINK = re.compile(r"!\[[^\]]*\]\(figures/([^)\s]+\.png)\)")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # what a tutorial may import: the public API, NumPy, matplotlib and the standard library
 ALLOWED_IMPORTS = {"minimamba", "minimamba.ops", "numpy", "matplotlib", "matplotlib.pyplot",
-                   "os", "sys", "time", "math", "pathlib", "json", "struct", "tempfile"}
+                   "os", "sys", "time", "math", "pathlib", "json", "struct", "tempfile",
+                   "numba", "minimamba.kernels.cuda"}  # tutorial 6: the CUDA kernel under the simulator
 BUILTIN_WEIGHTS = TUTORIALS_DIR.parent / "minimamba" / "builtin" / "model.safetensors"
 
 
@@ -30,7 +31,7 @@ def figure_links(path):
 
 
 def test_there_are_tutorials():
-    assert len(TUTORIALS) >= 5, f"found {[p.name for p in TUTORIALS]} in {TUTORIALS_DIR}"
+    assert len(TUTORIALS) >= 6, f"found {[p.name for p in TUTORIALS]} in {TUTORIALS_DIR}"
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
@@ -38,6 +39,8 @@ def test_tutorial_runs(path, tmp_path):
     pytest.importorskip("matplotlib")
     if "BUILTIN_MODEL_DIR" in path.read_text(encoding="utf-8") and not BUILTIN_WEIGHTS.is_file():
         pytest.skip(f"{path.name} runs on the built-in model and {BUILTIN_WEIGHTS} is absent")
+    if "NUMBA_ENABLE_CUDASIM" in path.read_text(encoding="utf-8"):
+        pytest.importorskip("numba", reason="tutorial 6 runs the CUDA kernel in Numba's simulator (the fast extra)")
     figures = tmp_path / "figures"
     env = dict(os.environ, MPLBACKEND="Agg", MINIMAMBA_FIGURES_DIR=str(figures), OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1")
