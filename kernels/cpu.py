@@ -47,7 +47,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from minimamba import ops
-from minimamba.ops import check_shape, compute_dtype
+from minimamba.ops import compute_dtype
 
 BLOCK = 64  # channels per prange work item: the SIMD loops run over them (a fixed trip count)
 PARALLEL_MIN = 1 << 16  # decode kernels go parallel from this many state numbers (b * d * n) up
@@ -384,7 +384,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                       delta_softplus=False, return_last_state=False, initial_state=None):
     """Fused selective scan; see `minimamba.ops.selective_scan_ref` for the arguments and maths."""
     _numpy_only(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    b, d, l, n = ops._check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    b, d, l, n = ops.check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if B.shape != (b, n, l) or C.shape != (b, n, l) or B.ndim != 3 or C.ndim != 3:
         # (d, n) and grouped (b, g, n, l) B/C: the readable path (Mamba-1 uses (b, n, l)).
         return ops.selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
@@ -406,19 +406,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One decode step, `state` updated in place; see `minimamba.ops.selective_state_update`."""
     _numpy_only(state, x, dt, A, B, C, D, z, dt_bias)
-    if state.ndim != 3:
-        raise ValueError(f"state must have shape (batch, dim, dstate), got {tuple(state.shape)}")
-    b, d, n = state.shape
+    b, d, n = ops.check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     if B.ndim == 3 or C.ndim == 3 or state.dtype not in (np.float32, np.float64):  # grouped B/C: readable path
         return ops.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
-    for name, M in (("x", x), ("dt", dt), ("z", z)):
-        check_shape(name, M, (b, d))
-    check_shape("A", A, (d, n))
-    check_shape("D", D, (d,))
-    check_shape("dt_bias", dt_bias, (d,))
-    for name, M in (("B", B), ("C", C)):
-        if M.shape != (b, n):
-            raise ValueError(f"{name} has shape {tuple(M.shape)}, expected ({b}, {n}) or ({b}, groups, {n})")
     ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     if state.dtype != ct:  # a float32 state in a float64 call: update a float64 copy, write it back
         work = state.astype(ct)
@@ -444,12 +434,7 @@ def _check_activation(activation):
 def causal_conv1d_fn(x, weight, bias=None, activation=None):
     """Causal depthwise conv (+ bias, SiLU); see `minimamba.ops.causal_conv1d_fn`."""
     _numpy_only(x, weight, bias)
-    if x.ndim != 3:
-        raise ValueError(f"x must have shape (batch, dim, seqlen), got {tuple(x.shape)}")
-    b, d, l = x.shape
-    if weight.ndim != 2 or weight.shape[0] != d:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d}, width)")
-    check_shape("bias", bias, (d,))
+    b, d, l, _ = ops.check_conv_args(x, weight, bias)
     use_silu = _check_activation(activation)
     ct = compute_dtype(x, weight)
     out = _empty_bld(b, d, l, ct)  # (b, d, l)
@@ -463,15 +448,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     _numpy_only(x, conv_state, weight, bias)
     single = x.ndim == 2
     x3 = x[:, :, None] if single else x  # (b, d, l)
-    if x3.ndim != 3:
-        raise ValueError(f"x must have shape (batch, dim) or (batch, dim, seqlen), got {tuple(x.shape)}")
-    b, d, l = x3.shape
-    if weight.ndim != 2 or weight.shape[0] != d:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d}, width)")
-    k = weight.shape[1]
-    if conv_state.ndim != 3 or conv_state.shape[:2] != (b, d) or conv_state.shape[2] < k - 1:
-        raise ValueError(f"conv_state has shape {tuple(conv_state.shape)}, expected ({b}, {d}, >= {k - 1})")
-    check_shape("bias", bias, (d,))
+    b, d, l, k = ops.check_conv_update_args(x3, conv_state, weight, bias)
     use_silu = _check_activation(activation)
     ct = compute_dtype(x, weight)
     if conv_state.dtype != ct:  # the state keeps its own dtype; work on a copy in the compute dtype

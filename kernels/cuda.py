@@ -65,7 +65,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("minimamba.kernels.cuda needs numba-cuda: pip install 'minimamba[gpu]' "
                       "(or 'minimamba[gpu-cuda13]' for CUDA 13)") from err
 
-from minimamba.ops import array_module, check_shape, compute_dtype, _check_scan_args
+from minimamba.ops import (array_module, check_conv_args, check_conv_update_args, check_scan_args,
+                           check_shape, check_state_update_args, compute_dtype)
 
 # NOTE: numba-cuda 0.30.x registers an overload for np.row_stack, which NumPy 2.5 removed, so its
 # first compile fails with AttributeError on NumPy >= 2.5. Restore the alias NumPy 2.0-2.4 had.
@@ -519,7 +520,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
                         ("delta_bias", delta_bias), ("initial_state", initial_state)):
         if array is not None:
             _check_array(func, name, array)
-    b, d, l, n = _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    b, d, l, n = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     xp = array_module(u)
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     u_, delta_, A_ = (x.astype(ct, copy=False) for x in (u, delta, A))
@@ -570,19 +571,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                         ("z", z), ("dt_bias", dt_bias)):
         if array is not None:
             _check_array(func, name, array)
-    if state.ndim != 3:
-        raise ValueError(f"state must have shape (batch, dim, dstate), got {tuple(state.shape)}")
-    b, d, n = state.shape
-    check_shape("x", x, (b, d))
-    check_shape("dt", dt, (b, d))
-    check_shape("A", A, (d, n))
-    check_shape("D", D, (d,))
-    check_shape("z", z, (b, d))
-    check_shape("dt_bias", dt_bias, (d,))
-    for name, M in (("B", B), ("C", C)):
-        if not (tuple(M.shape) == (b, n) or (M.ndim == 3 and M.shape[0] == b and M.shape[2] == n
-                                             and d % M.shape[1] == 0)):
-            raise ValueError(f"{name} has shape {tuple(M.shape)}, expected ({b}, {n}) or ({b}, groups, {n})")
+    b, d, n = check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     xp = array_module(x)
     ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     work = state if state.dtype == ct else state.astype(ct)  # updated in place when the dtypes agree
@@ -622,12 +611,7 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None):
     for name, array in (("x", x), ("weight", weight), ("bias", bias)):
         if array is not None:
             _check_array(func, name, array)
-    if x.ndim != 3:
-        raise ValueError(f"x must have shape (batch, dim, seqlen), got {tuple(x.shape)}")
-    b, d, l = x.shape
-    if weight.ndim != 2 or weight.shape[0] != d:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d}, width)")
-    check_shape("bias", bias, (d,))
+    b, d, l, _ = check_conv_args(x, weight, bias)
     silu = _activation_flag(activation)
     xp = array_module(x)
     ct = compute_dtype(x, weight)
@@ -646,15 +630,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
             _check_array(func, name, array)
     single = x.ndim == 2
     x3 = x[:, :, None] if single else x
-    if x3.ndim != 3:
-        raise ValueError(f"x must have shape (batch, dim) or (batch, dim, seqlen), got {tuple(x.shape)}")
-    b, d, l = x3.shape
-    if weight.ndim != 2 or weight.shape[0] != d:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d}, width)")
-    k = weight.shape[1]
-    if conv_state.ndim != 3 or tuple(conv_state.shape[:2]) != (b, d) or conv_state.shape[2] < k - 1:
-        raise ValueError(f"conv_state has shape {tuple(conv_state.shape)}, expected ({b}, {d}, >= {k - 1})")
-    check_shape("bias", bias, (d,))
+    b, d, l, k = check_conv_update_args(x3, conv_state, weight, bias)
     silu = _activation_flag(activation)
     xp = array_module(x)
     ct = compute_dtype(x, weight)

@@ -96,6 +96,54 @@ def _activation(out, activation):
     raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
 
 
+# ---------------------------------------------------------------- argument checks
+# Shared by these functions and their kernel twins in minimamba.kernels, so every
+# implementation refuses bad shapes with the same message.
+
+
+def check_conv_args(x, weight, bias):
+    """causal_conv1d_fn's arguments; returns (b, d, l, k)."""
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (batch, dim, seqlen), got {tuple(x.shape)}")
+    b, d, l = x.shape
+    if weight.ndim != 2 or weight.shape[0] != d:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d}, width)")
+    check_shape("bias", bias, (d,))
+    return b, d, l, weight.shape[1]
+
+
+def check_conv_update_args(x, conv_state, weight, bias):
+    """causal_conv1d_update's arguments, x already (b, d, l); returns (b, d, l, k)."""
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (batch, dim) or (batch, dim, seqlen), got {tuple(x.shape)}")
+    b, d, l = x.shape
+    if weight.ndim != 2 or weight.shape[0] != d:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d}, width)")
+    k = weight.shape[1]
+    if conv_state.ndim != 3 or tuple(conv_state.shape[:2]) != (b, d) or conv_state.shape[2] < k - 1:
+        raise ValueError(f"conv_state has shape {tuple(conv_state.shape)}, expected ({b}, {d}, >= {k - 1})")
+    check_shape("bias", bias, (d,))
+    return b, d, l, k
+
+
+def check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias):
+    """selective_state_update's arguments; returns (b, d, n)."""
+    if state.ndim != 3:
+        raise ValueError(f"state must have shape (batch, dim, dstate), got {tuple(state.shape)}")
+    b, d, n = state.shape
+    check_shape("x", x, (b, d))
+    check_shape("dt", dt, (b, d))
+    check_shape("A", A, (d, n))
+    check_shape("D", D, (d,))
+    check_shape("z", z, (b, d))
+    check_shape("dt_bias", dt_bias, (d,))
+    for name, M in (("B", B), ("C", C)):
+        if not (tuple(M.shape) == (b, n) or (M.ndim == 3 and M.shape[0] == b and M.shape[2] == n
+                                             and d % M.shape[1] == 0)):
+            raise ValueError(f"{name} has shape {tuple(M.shape)}, expected ({b}, {n}) or ({b}, groups, {n})")
+    return b, d, n
+
+
 # ---------------------------------------------------------------- causal conv
 
 
@@ -113,13 +161,7 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None):
     l outputs: position t sees only x[t-k+1 .. t].
     """
     xp = array_module(x)
-    if x.ndim != 3:
-        raise ValueError(f"x must have shape (batch, dim, seqlen), got {tuple(x.shape)}")
-    b, d, l = x.shape
-    if weight.ndim != 2 or weight.shape[0] != d:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d}, width)")
-    check_shape("bias", bias, (d,))
-    k = weight.shape[1]
+    b, d, l, k = check_conv_args(x, weight, bias)
     ct = compute_dtype(x, weight)
     x_pad = xp.zeros((b, d, l + k - 1), dtype=ct)  # (b, d, k-1+l): k-1 zeros on the left
     x_pad[:, :, k - 1:] = x
@@ -148,15 +190,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     single = x.ndim == 2
     if single:
         x = x[:, :, None]  # (b, d, 1)
-    if x.ndim != 3:
-        raise ValueError(f"x must have shape (batch, dim) or (batch, dim, seqlen), got {tuple(x.shape)}")
-    b, d, l = x.shape
-    if weight.ndim != 2 or weight.shape[0] != d:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d}, width)")
-    k = weight.shape[1]
-    if conv_state.ndim != 3 or conv_state.shape[:2] != (b, d) or conv_state.shape[2] < k - 1:
-        raise ValueError(f"conv_state has shape {tuple(conv_state.shape)}, expected ({b}, {d}, >= {k - 1})")
-    check_shape("bias", bias, (d,))
+    b, d, l, k = check_conv_update_args(x, conv_state, weight, bias)
     s = conv_state.shape[2]
     ct = compute_dtype(x, weight)
     full = xp.concatenate([conv_state.astype(ct), x.astype(ct)], axis=2)  # (b, d, s + l)
@@ -174,7 +208,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
 # ---------------------------------------------------------------- selective scan
 
 
-def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
+def check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
     if u.ndim != 3:
         raise ValueError(f"u must have shape (batch, dim, seqlen), got {tuple(u.shape)}")
     b, d, l = u.shape
@@ -251,7 +285,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
             it lets a prompt be fed through the cache in several chunks.
     Returns: out (b, d, l) in u's dtype, and last_state (b, d, n) when asked.
     """
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     xp = array_module(u)
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in = u.dtype
@@ -281,7 +315,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     the recurrence itself h_t = dA_t h_{t-1} + dBu_t steps one t at a time.
     Memory holds one chunk of states, (b, d, chunk_size, n), never all l of them.
     """
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     xp = array_module(u)
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in = u.dtype
@@ -317,19 +351,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
     Exactly one iteration of the loop in `selective_scan_ref`.
     """
-    if state.ndim != 3:
-        raise ValueError(f"state must have shape (batch, dim, dstate), got {tuple(state.shape)}")
-    b, d, n = state.shape
-    check_shape("x", x, (b, d))
-    check_shape("dt", dt, (b, d))
-    check_shape("A", A, (d, n))
-    check_shape("D", D, (d,))
-    check_shape("z", z, (b, d))
-    check_shape("dt_bias", dt_bias, (d,))
-    for name, M in (("B", B), ("C", C)):
-        if not (M.shape == (b, n) or (M.ndim == 3 and M.shape[0] == b and M.shape[2] == n
-                                      and d % M.shape[1] == 0)):
-            raise ValueError(f"{name} has shape {tuple(M.shape)}, expected ({b}, {n}) or ({b}, groups, {n})")
+    b, d, n = check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     xp = array_module(x)
     ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     u = x.astype(ct, copy=False)
