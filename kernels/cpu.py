@@ -13,10 +13,12 @@ differs. Versions, and what each parallelises over:
                                 b * d (one decode step of one layer is ~25k numbers, less
                                 than a thread hand-off costs), prange over batch x
                                 channels above that.
-    causal_conv1d_fn        v1  k taps per output, bias and SiLU fused; prange over
-                                (batch x blocks of channels), time inside.
-    causal_conv1d_update    v1  a few steps through the rolling conv state, in place;
-                                serial/parallel as selective_state_update.
+    causal_conv1d_fn        v2  k taps per output, bias and SiLU fused, a rolling window of
+    causal_conv1d_update        the last k inputs per block of channels; one core for both:
+                                the update starts the window from conv_state and shifts it
+                                in place at the end, so a long prefill through the cache
+                                costs what the plain conv costs. prange over (batch x
+                                blocks of channels), time inside; serial below PARALLEL_MIN.
 
 Speed notes (2-core machine, float32):
   * exp is written out (range reduction + a degree-6 polynomial, 1-2 ulp) because
@@ -39,6 +41,7 @@ Mamba-1 checkpoints never use them.
 from __future__ import annotations
 
 import math
+import types as pytypes
 
 import numba
 import numpy as np
@@ -263,14 +266,18 @@ def _state_update_core(state, x, dt, A, B, C, D, z, dt_bias, out, has_D, has_z, 
                 state[bi, c0 + c, i] = h[i, c]
 
 
-def _conv_core(x, weight, bias, out, has_bias, use_silu):
+def _conv_core(x, weight, bias, state, out, has_bias, has_state, use_silu):
     """x, out: (b, d, l); weight: (d, k). out[t] = sum_j weight[:, j] x[t - (k-1) + j] (+ bias, SiLU).
 
+    Without a state the inputs before t = 0 are zeros (causal_conv1d_fn). With one,
+    state (b, d, s), s >= k - 1, holds the inputs seen before: its last k - 1 stand
+    in for the zeros, and it is shifted left by l in place (causal_conv1d_update).
     Blocks of BLOCK channels; the last k inputs of the block sit in a small rolling
-    window, so each input is read once.
+    window, so each input is read once and every inner loop runs over channels.
     """
     b, d, l = x.shape
     k = weight.shape[1]
+    s = state.shape[2]
     nblocks = (d + BLOCK - 1) // BLOCK
     for job in prange(b * nblocks):
         bi = job // nblocks
@@ -285,6 +292,9 @@ def _conv_core(x, weight, bias, out, has_bias, use_silu):
                 b0[c] = bias[c0 + c]
             for j in range(k):
                 wt[j, c] = weight[c0 + c, j]
+            if has_state:
+                for j in range(k - 1):
+                    window[j + 1, c] = state[bi, c0 + c, s - (k - 1) + j]
         for t in range(l):
             for j in range(k - 1):
                 for c in range(BLOCK):
@@ -301,43 +311,41 @@ def _conv_core(x, weight, bias, out, has_bias, use_silu):
                     acc[c] = silu(acc[c])
             for c in range(w):
                 out[bi, c0 + c, t] = acc[c]
-
-
-def _conv_update_core(x, conv_state, weight, bias, out, has_bias, use_silu):
-    """x, out: (b, d, l); conv_state: (b, d, s), s >= k - 1, updated in place."""
-    b, d, l = x.shape
-    s = conv_state.shape[2]
-    k = weight.shape[1]
-    start = s - (k - 1)
-    for job in prange(b * d):
-        bi = job // d
-        c = job % d
-        for t in range(l):
-            acc = bias[c] if has_bias else 0
-            for j in range(k):
-                p = start + j + t  # position in [conv_state, x]
-                acc += weight[c, j] * (conv_state[bi, c, p] if p < s else x[bi, c, p - s])
-            out[bi, c, t] = silu(acc) if use_silu else acc
-        for q in range(s):  # shift left by l: reads run ahead of writes, so in place is safe
-            p = l + q
-            conv_state[bi, c, q] = conv_state[bi, c, p] if p < s else x[bi, c, p - s]
+        if has_state:
+            for q in range(s):  # state = the last s of [state, x]: reads run ahead of writes
+                p = l + q
+                for c in range(w):
+                    state[bi, c0 + c, q] = state[bi, c0 + c, p] if p < s else x[bi, c0 + c, p - s]
 
 
 _jit_par = dict(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 _jit_ser = dict(cache=True, nogil=True, fastmath=FASTMATH)
+
+
+def _serial(core):
+    """A serial twin of `core` under its own name.
+
+    Numba's disk cache files a compiled function under its qualified name and
+    signature, not its flags: compiled from one Python function, the parallel and
+    the serial version would overwrite each other on disk, and a later process
+    would load whichever came last for both.
+    """
+    twin = pytypes.FunctionType(core.__code__, core.__globals__, core.__name__ + "_serial")
+    twin.__qualname__ = core.__qualname__ + "_serial"
+    return njit(**_jit_ser)(twin)
+
+
 _CORES = {
     "scan": njit(**_jit_par)(_scan_core),
-    "state_update": njit(**_jit_ser)(_state_update_core),
+    "state_update": _serial(_state_update_core),
     "state_update_par": njit(**_jit_par)(_state_update_core),
-    "conv": njit(**_jit_par)(_conv_core),
-    "conv_update": njit(**_jit_ser)(_conv_update_core),
-    "conv_update_par": njit(**_jit_par)(_conv_update_core),
+    "conv": _serial(_conv_core),
+    "conv_par": njit(**_jit_par)(_conv_core),
 }
 _ARGS = {  # array ranks, then the number of boolean flags
     "scan": ((3, 3, 2, 3, 3, 1, 3, 1, 3, 3, 3), 5),
     "state_update": ((3, 2, 2, 2, 2, 2, 1, 2, 1, 2), 4),
-    "conv": ((3, 2, 1, 3), 2),
-    "conv_update": ((3, 3, 2, 1, 3), 2),
+    "conv": ((3, 2, 1, 3, 3), 3),
 }
 _compiled = {}
 
@@ -431,6 +439,15 @@ def _check_activation(activation):
     return activation is not None
 
 
+def _conv(x, weight, bias, state, out, use_silu):
+    """Run the conv core, in parallel when the work pays for the thread hand-off."""
+    b, d, l = x.shape
+    ct = out.dtype
+    name = "conv_par" if b * d * (l + weight.shape[1]) >= PARALLEL_MIN else "conv"
+    _core(name, ct)(x, _as(weight, ct), _dummy(1, ct) if bias is None else _as(bias, ct), state, out,
+                    bias is not None, state.size > 0, use_silu)
+
+
 def causal_conv1d_fn(x, weight, bias=None, activation=None):
     """Causal depthwise conv (+ bias, SiLU); see `minimamba.ops.causal_conv1d_fn`."""
     _numpy_only(x, weight, bias)
@@ -438,8 +455,7 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None):
     use_silu = _check_activation(activation)
     ct = compute_dtype(x, weight)
     out = _empty_bld(b, d, l, ct)  # (b, d, l)
-    _core("conv", ct)(_as(x, ct), _as(weight, ct), _dummy(1, ct) if bias is None else _as(bias, ct), out,
-                      bias is not None, use_silu)
+    _conv(_as(x, ct), weight, bias, _dummy(3, ct), out, use_silu)
     return out.astype(x.dtype, copy=False)
 
 
@@ -457,8 +473,6 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
         conv_state[...] = work
         return out
     out = np.empty((b, d, l), dtype=ct) if l == 1 else _empty_bld(b, d, l, ct)
-    name = "conv_update_par" if b * d * (l + k) >= PARALLEL_MIN else "conv_update"
-    _core(name, ct)(_as(x3, ct), conv_state, _as(weight, ct), _dummy(1, ct) if bias is None else _as(bias, ct),
-                    out, bias is not None, use_silu)
+    _conv(_as(x3, ct), weight, bias, conv_state, out, use_silu)
     out = out.astype(x.dtype, copy=False)
     return out[:, :, 0] if single else out

@@ -10,6 +10,7 @@
 
 import os
 
+from . import threads  # first: sets the thread-pool spins before NumPy loads OpenBLAS
 from .cache import MambaCache
 from .config import MambaConfig
 from .generation import generate, left_pad

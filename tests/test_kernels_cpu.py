@@ -99,23 +99,35 @@ def test_selective_state_update_matches_reference(p, with_D, with_z, with_bias, 
     check("state_update state", state, want_state, p["dtype"])
 
 
-def test_state_update_parallel_version_matches_serial():
-    """Big b * d * n takes the prange version; it must agree with the serial one exactly."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_state_update_parallel_and_serial_versions_both_match_reference(dtype):
+    """Big b * d * n takes the prange version, small the serial one; both must meet the reference bar.
+
+    They are compiled separately (fastmath may order the sums differently), so they
+    agree to rounding, not bit for bit. Each is called directly, whatever its size.
+    """
     rng = np.random.default_rng(3)
     b, d, n = 4, 1100, 16  # 70400 >= PARALLEL_MIN
     assert b * d * n >= cpu.PARALLEL_MIN
-    state = rng.standard_normal((b, d, n)).astype(np.float32)
-    args = [rng.standard_normal((b, d)).astype(np.float32), rng.standard_normal((b, d)).astype(np.float32),
-            -np.exp(rng.standard_normal((d, n))).astype(np.float32),
-            rng.standard_normal((b, n)).astype(np.float32), rng.standard_normal((b, n)).astype(np.float32)]
-    s1, s2 = state.copy(), state.copy()
-    y1 = cpu.selective_state_update(s1, *args, dt_softplus=True)
-    y2 = np.empty_like(y1)
-    cpu._core("state_update", np.dtype(np.float32))(
-        s2, *args, cpu._dummy(1, np.float32), cpu._dummy(2, np.float32), cpu._dummy(1, np.float32), y2,
-        False, False, False, True)
-    np.testing.assert_array_equal(y1, y2)
-    np.testing.assert_array_equal(s1, s2)
+    state = rng.standard_normal((b, d, n)).astype(dtype)
+    args = [rng.standard_normal((b, d)).astype(dtype), rng.standard_normal((b, d)).astype(dtype),
+            -np.exp(rng.standard_normal((d, n))).astype(dtype),
+            rng.standard_normal((b, n)).astype(dtype), rng.standard_normal((b, n)).astype(dtype)]
+    want_state = state.astype(np.float64)
+    want = ops.selective_state_update(want_state, *[a.astype(np.float64) for a in args], dt_softplus=True)
+    for name in ("state_update", "state_update_par"):
+        s, y = state.copy(), np.empty((b, d), dtype=dtype)
+        cpu._core(name, np.dtype(dtype))(
+            s, *args, cpu._dummy(1, dtype), cpu._dummy(2, dtype), cpu._dummy(1, dtype), y, False, False, False, True)
+        check(f"{name} out", y, want, dtype)
+        check(f"{name} state", s, want_state, dtype)
+
+
+def test_serial_and_parallel_versions_are_cached_apart():
+    """Numba files cached code by function name and signature, not flags: the twins need their own names."""
+    names = {cpu._CORES[k].py_func.__qualname__ for k in cpu._CORES}
+    assert len(names) == len(cpu._CORES), names
+    assert cpu._CORES["conv_par"].targetoptions.get("parallel") and not cpu._CORES["conv"].targetoptions.get("parallel")
 
 
 @settings(deadline=None, max_examples=40)
@@ -151,6 +163,24 @@ def test_causal_conv1d_update_matches_reference(p, k, extra, steps, with_bias, a
                                     None if bias is None else bias.astype(np.float64), activation=activation)
     check("conv_update out", out, want, dt_)
     check("conv_update state", state, want_state, dt_)
+
+
+@pytest.mark.parametrize("b, d, l, k, s", [(1, 1536, 50, 4, 4),  # a prefill chunk through the cache: parallel
+                                           (2, 5, 2, 4, 6),  # l < s: the state shifts
+                                           (1, 7, 9, 3, 2)])  # l > s: the state is the last s inputs
+def test_causal_conv1d_update_long_chunks(b, d, l, k, s):
+    """A chunk of many tokens through the conv state, serial and parallel, strided x as the model passes it."""
+    rng = np.random.default_rng(l)
+    x = maybe_strided(rng, (b, d, l), np.float32, True)
+    state = rng.standard_normal((b, d, s)).astype(np.float32)
+    weight = rng.standard_normal((d, k)).astype(np.float32)
+    bias = rng.standard_normal(d).astype(np.float32)
+    want_state = state.astype(np.float64)
+    want = ops.causal_conv1d_update(x.astype(np.float64), want_state, weight.astype(np.float64),
+                                    bias.astype(np.float64), activation="silu")
+    out = cpu.causal_conv1d_update(x, state, weight, bias, activation="silu")
+    check("conv_update out", out, want, np.float32)
+    check("conv_update state", state, want_state, np.float32)
 
 
 def test_fast_exp_accuracy():
