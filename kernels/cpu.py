@@ -318,6 +318,18 @@ def _conv_core(x, weight, bias, state, out, has_bias, has_state, use_silu):
                     state[bi, c0 + c, q] = state[bi, c0 + c, p] if p < s else x[bi, c0 + c, p - s]
 
 
+def _rms_norm_core(x, weight, eps, out):
+    """x, out: (rows, d); weight: (d,). out = x / sqrt(mean(x^2) + eps) * weight, one pass per row."""
+    rows, d = x.shape
+    for r in prange(rows):
+        ss = x.dtype.type(0)
+        for j in range(d):
+            ss += x[r, j] * x[r, j]
+        inv = 1 / math.sqrt(ss / d + eps)
+        for j in range(d):
+            out[r, j] = x[r, j] * inv * weight[j]
+
+
 _jit_par = dict(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 _jit_ser = dict(cache=True, nogil=True, fastmath=FASTMATH)
 
@@ -341,11 +353,14 @@ _CORES = {
     "state_update_par": njit(**_jit_par)(_state_update_core),
     "conv": _serial(_conv_core),
     "conv_par": njit(**_jit_par)(_conv_core),
+    "rms_norm": _serial(_rms_norm_core),
+    "rms_norm_par": njit(**_jit_par)(_rms_norm_core),
 }
-_ARGS = {  # array ranks, then the number of boolean flags
-    "scan": ((3, 3, 2, 3, 3, 1, 3, 1, 3, 3, 3), 5),
-    "state_update": ((3, 2, 2, 2, 2, 2, 1, 2, 1, 2), 4),
-    "conv": ((3, 2, 1, 3, 3), 3),
+_ARGS = {  # array ranks (0: a scalar), the number of boolean flags, the array layout
+    "scan": ((3, 3, 2, 3, 3, 1, 3, 1, 3, 3, 3), 5, "A"),
+    "state_update": ((3, 2, 2, 2, 2, 2, 1, 2, 1, 2), 4, "A"),
+    "conv": ((3, 2, 1, 3, 3), 3, "A"),
+    "rms_norm": ((2, 1, 0, 2), 0, "C"),  # contiguous rows: the row loops become SIMD
 }
 _compiled = {}
 
@@ -353,14 +368,14 @@ _compiled = {}
 def _core(name, dtype):
     """The entry point of core `name` for `dtype`, compiled (or loaded from the disk cache) once.
 
-    Explicit signatures with layout 'A' arrays: one compiled version serves
+    Explicit signatures, mostly with layout 'A' arrays: one compiled version serves
     contiguous and strided inputs alike, and calls skip the dispatcher's type search.
     """
     key = (name, dtype)
     if key not in _compiled:
-        ranks, nflags = _ARGS[name.replace("_par", "")]
+        ranks, nflags, layout = _ARGS[name.replace("_par", "")]
         nbt = numba.from_dtype(dtype)
-        sig = tuple(types.Array(nbt, r, "A") for r in ranks) + (types.boolean,) * nflags
+        sig = tuple(nbt if r == 0 else types.Array(nbt, r, layout) for r in ranks) + (types.boolean,) * nflags
         _compiled[key] = _CORES[name].compile(sig)
     return _compiled[key]
 
@@ -446,6 +461,18 @@ def _conv(x, weight, bias, state, out, use_silu):
     name = "conv_par" if b * d * (l + weight.shape[1]) >= PARALLEL_MIN else "conv"
     _core(name, ct)(x, _as(weight, ct), _dummy(1, ct) if bias is None else _as(bias, ct), state, out,
                     bias is not None, state.size > 0, use_silu)
+
+
+def rms_norm(x, weight, eps=1e-5):
+    """RMSNorm over the last axis in one pass per row; see `minimamba.ops.rms_norm`."""
+    _numpy_only(x, weight)
+    ops.check_norm_args(x, weight)
+    ct = compute_dtype(x, weight)
+    rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=ct)  # (rows, d)
+    out = np.empty_like(rows)
+    name = "rms_norm_par" if rows.size >= PARALLEL_MIN else "rms_norm"
+    _core(name, ct)(rows, np.ascontiguousarray(weight, dtype=ct), ct.type(eps), out)
+    return out.reshape(x.shape)
 
 
 def causal_conv1d_fn(x, weight, bias=None, activation=None):

@@ -15,11 +15,13 @@ from types import SimpleNamespace
 from . import ops
 
 IMPLS = ("reference", "numpy", "numba", "cuda")
-KERNEL_NAMES = ("selective_scan_fn", "selective_state_update", "causal_conv1d_fn", "causal_conv1d_update")
+KERNEL_NAMES = ("selective_scan_fn", "selective_state_update", "causal_conv1d_fn", "causal_conv1d_update",
+                "rms_norm")
 
 
 def _namespace(name, module, **overrides):
-    funcs = {k: overrides.get(k, getattr(module, k)) for k in KERNEL_NAMES}
+    # A module without its own twin of a function (the CUDA kernels have no rms_norm) uses ops'.
+    funcs = {k: overrides.get(k, getattr(module, k, getattr(ops, k))) for k in KERNEL_NAMES}
     return SimpleNamespace(name=name, **funcs)
 
 

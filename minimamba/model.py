@@ -27,7 +27,7 @@ from .backend import get_backend, resolve_dtype
 from .cache import MambaCache
 from .config import MambaConfig
 from .impl import resolve_impl
-from .ops import array_module, rms_norm
+from .ops import array_module
 from .weights import expected_shapes, load_state_dict, resolve_model_dir
 
 
@@ -132,12 +132,13 @@ class MambaBlock:
 
     def __init__(self, config: MambaConfig, layer_idx: int, kernels):
         self.config = config
+        self.kernels = kernels  # rms_norm, and the mixer's kernels
         self.norm_weight = None  # (d,)
         self.mixer = MambaMixer(config, layer_idx, kernels)
 
     def __call__(self, hidden_states, cache_params=None, attention_mask=None):
         # NOTE: the residual stream is float32 or float64 here, so residual_in_fp32 always holds.
-        normed = rms_norm(hidden_states, self.norm_weight, self.config.layer_norm_epsilon)  # (b, l, d)
+        normed = self.kernels.rms_norm(hidden_states, self.norm_weight, self.config.layer_norm_epsilon)  # (b, l, d)
         return hidden_states + self.mixer(normed, cache_params, attention_mask)  # (b, l, d)
 
 
@@ -235,7 +236,7 @@ class MambaModel(_Pretrained):
 
     def _set_kernels(self, kernels):
         for layer in self.layers:
-            layer.mixer.kernels = kernels
+            layer.kernels = layer.mixer.kernels = kernels
 
     def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache_params=None,
                  use_cache=False, output_hidden_states=False):
@@ -272,7 +273,7 @@ class MambaModel(_Pretrained):
             per_layer = outputs[0]
         else:  # join the chunks back along the sequence
             per_layer = [self.backend.xp.concatenate(parts, axis=1) for parts in zip(*outputs)]
-        hidden_states = rms_norm(per_layer[-1], self.norm_f_weight, self.config.layer_norm_epsilon)  # (b, l, d)
+        hidden_states = self.kernels.rms_norm(per_layer[-1], self.norm_f_weight, self.config.layer_norm_epsilon)  # (b, l, d)
         return MambaOutput(last_hidden_state=hidden_states, cache_params=cache_params if use_cache else None,
                            hidden_states=tuple(per_layer) + (hidden_states,) if output_hidden_states else None)
 

@@ -81,6 +81,7 @@ def rms_norm(x, weight, eps=1e-5):
     MambaRMSNorm, and returns the dtype of `weight`'s computation: float32 or
     float64.
     """
+    check_norm_args(x, weight)
     ct = compute_dtype(x, weight)
     x = x.astype(ct, copy=False)
     xp = array_module(x)
@@ -99,6 +100,13 @@ def _activation(out, activation):
 # ---------------------------------------------------------------- argument checks
 # Shared by these functions and their kernel twins in minimamba.kernels, so every
 # implementation refuses bad shapes with the same message.
+
+
+def check_norm_args(x, weight):
+    """rms_norm's arguments: weight (d,) for x (..., d)."""
+    if weight.ndim != 1 or x.ndim == 0 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"rms_norm: x has shape {tuple(x.shape)} and weight {tuple(weight.shape)}; "
+                         "weight must be (d,) for x of shape (..., d)")
 
 
 def check_conv_args(x, weight, bias):

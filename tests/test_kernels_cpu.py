@@ -248,3 +248,24 @@ def test_mixed_dtypes_compute_in_float64_and_return_u_dtype():
 def test_bad_shapes_get_named_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call(lambda shape: np.zeros(shape, dtype=np.float32))
+
+
+@settings(deadline=None, max_examples=30)
+@given(rows=st.integers(1, 300), d=st.integers(1, 300), dtype=st.sampled_from([np.float32, np.float64]),
+       lead=st.sampled_from([(), (1,), (2,)]), seed=st.integers(0, 2 ** 16))
+def test_rms_norm_matches_reference(rows, d, dtype, lead, seed):
+    """Serial (small) and parallel (rows * d >= PARALLEL_MIN) versions, 2-D and 3-D inputs."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((*lead, rows, d)) * rng.uniform(0.01, 100)).astype(dtype)
+    weight = rng.standard_normal(d).astype(dtype)
+    out = cpu.rms_norm(x, weight, 1e-5)
+    want = ops.rms_norm(x.astype(np.float64), weight.astype(np.float64), 1e-5)
+    assert out.dtype == dtype
+    check("rms_norm", out, want, dtype)
+
+
+def test_rms_norm_refuses_mismatched_weight():
+    x = np.ones((2, 3, 8), dtype=np.float32)
+    for f in (cpu.rms_norm, ops.rms_norm):
+        with pytest.raises(ValueError, match="weight must be"):
+            f(x, np.ones(7, dtype=np.float32))
