@@ -8,7 +8,7 @@ machine (5.3 ms -> 3.7 ms per layer). So, when Numba has not been imported yet a
 the user has set neither NUMBA_CPU_NAME nor NUMBA_CPU_FEATURES, the host's
 features are handed to Numba with that tuning switched off. Numba's disk cache
 keys compiled code by these features, so nothing compiled under other settings
-is reused by mistake.
+is reused by mistake. MINIMAMBA_THREAD_SETTINGS=0 leaves Numba's choice alone.
 """
 
 import os
@@ -16,7 +16,10 @@ import sys
 
 
 def _prefer_512_bit_vectors():
-    if "numba" in sys.modules or "NUMBA_CPU_NAME" in os.environ or "NUMBA_CPU_FEATURES" in os.environ:
+    from minimamba import threads
+
+    if (not threads.ENABLED or "numba" in sys.modules
+            or "NUMBA_CPU_NAME" in os.environ or "NUMBA_CPU_FEATURES" in os.environ):
         return
     try:
         import llvmlite.binding as llvm
@@ -26,6 +29,7 @@ def _prefer_512_bit_vectors():
         return
     if features.get("avx512f"):
         os.environ["NUMBA_CPU_FEATURES"] = features.flatten() + ",-prefer-256-bit"
+        threads.SET_HERE.append("NUMBA_CPU_FEATURES")
 
 
 _prefer_512_bit_vectors()

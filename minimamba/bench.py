@@ -17,8 +17,10 @@ What is measured:
            /proc is missing, ru_maxrss is shown and labelled as the lifetime peak.
 Each figure is the best of --repeat runs (the machine may be shared: the fastest
 run is the one least disturbed). With --vs transformers the two libraries run
-alternately in the same process on the same weights, so their ratio is fair even
-when absolute numbers drift.
+alternately on the same weights, so their ratio is fair even when absolute numbers
+drift. transformers runs in a child process started with the environment the user
+gave, before minimamba's thread-spin settings (minimamba/threads.py): one of them,
+GOMP_SPINCOUNT, would reach torch's OpenMP threads too and slow its decode down.
 
 --roofline measures this machine's limits and prints each figure as a fraction:
   decode:  (bytes of weights read per token / memory bandwidth) / time per token
@@ -141,6 +143,9 @@ class MinimambaRunner:
     def __init__(self, model):
         self.model = model
 
+    def measure(self, ids, new_tokens):
+        return time_runner(self, ids, new_tokens)
+
     def prefill(self, ids):
         out = self.model(ids, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], out.cache_params  # (b, V), cache
@@ -192,6 +197,93 @@ class TransformersRunner:
         return logits.numpy()
 
 
+class TransformersProcess:
+    """TransformersRunner in a child process, driven through a pipe, one measurement at a time.
+
+    The child rebuilds the same weights (the same checkpoint, or the same shape and
+    seed) and runs with original_environ(), so minimamba's thread settings do not
+    touch torch; its peak RSS is its own.
+    """
+
+    name = "transformers"
+
+    def __init__(self, source, dtype):
+        import subprocess
+
+        from . import threads
+
+        env = threads.original_environ()
+        env["MINIMAMBA_THREAD_SETTINGS"] = "0"  # the child's own `import minimamba` sets nothing either
+        self.proc = subprocess.Popen([sys.executable, "-m", "minimamba.bench", "--transformers-worker",
+                                      source, str(np.dtype(dtype))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self._receive()  # "ready", or the child's error
+
+    def _receive(self):
+        import pickle
+
+        try:
+            kind, value = pickle.load(self.proc.stdout)
+        except EOFError:
+            raise RuntimeError(f"the transformers worker exited (code {self.proc.wait()}); "
+                               "its error is printed above") from None
+        if kind == "error":
+            raise RuntimeError(f"the transformers worker failed: {value}")
+        return value
+
+    def measure(self, ids, new_tokens):
+        import pickle
+
+        pickle.dump((ids, new_tokens), self.proc.stdin)
+        self.proc.stdin.flush()
+        return self._receive()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+def _transformers_worker(source, dtype):
+    """The child's side: `python -m minimamba.bench --transformers-worker SOURCE DTYPE`.
+
+    SOURCE is a checkpoint folder / Hub id, or "shape:NAME" for random weights made
+    as run_bench makes them. Reads (ids, new_tokens) pickles on stdin and answers
+    each with time_runner's tuple; results go to the real stdout, prints to stderr.
+    """
+    import pickle
+
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout = sys.stderr  # nothing else may write into the pipe
+    try:
+        runner = TransformersRunner(_bench_model(source, dtype, impl="numpy"))  # the NumPy copy is dropped
+    except Exception as exc:
+        pickle.dump(("error", f"{type(exc).__name__}: {exc}"), out)
+        out.flush()
+        return 1
+    pickle.dump(("ok", "ready"), out)
+    out.flush()
+    while True:
+        try:
+            ids, new_tokens = pickle.load(sys.stdin.buffer)
+        except EOFError:
+            return 0
+        pickle.dump(("ok", time_runner(runner, ids, new_tokens)), out)
+        out.flush()
+
+
+def _bench_model(source, dtype, impl=None):
+    """The model a bench runs: a checkpoint, or "shape:NAME" (random weights, seed 0)."""
+    from .model import MambaForCausalLM, init_weights
+
+    if source.startswith("shape:"):
+        config = shape_config(source[len("shape:"):])
+        model = MambaForCausalLM(config, dtype=dtype, impl=impl, init=False)
+        model.load_state_dict(init_weights(config, seed=0))
+        return model
+    return MambaForCausalLM.from_pretrained(source, dtype=dtype, impl=impl)
+
+
 def time_runner(runner, ids, new_tokens):
     """(prefill seconds, decode seconds, prefill peak RSS bytes or None, last prefill logits)."""
     can_reset = reset_peak_rss()
@@ -212,55 +304,73 @@ def time_runner(runner, ids, new_tokens):
 
 
 def run_bench(args):
-    from .model import MambaForCausalLM, init_weights
-
     if (args.model is None) == (args.shape is None):
         raise ValueError("give exactly one of --model PATH or --shape NAME")
     if args.prompt_len < 1 or args.batch < 1 or args.new_tokens < 0 or args.repeat < 1:
         raise ValueError("--prompt-len, --batch and --repeat must be >= 1 and --new-tokens >= 0")
     rss0 = _rss_bytes("VmRSS")
-    if args.model is not None:
-        model = MambaForCausalLM.from_pretrained(args.model, dtype=args.dtype, impl=args.impl)
-        label = args.model
-    else:
-        config = shape_config(args.shape)
-        model = MambaForCausalLM(config, dtype=args.dtype, impl=args.impl, init=False)
-        model.load_state_dict(init_weights(config, seed=0))
-        label = f"random weights, {args.shape} shape"
+    source = args.model if args.model is not None else f"shape:{args.shape}"
+    model = _bench_model(source, args.dtype, args.impl)
+    label = args.model if args.model is not None else f"random weights, {args.shape} shape"
     if args.prefill_chunk is not None:
         model.backbone.prefill_chunk_size = args.prefill_chunk or None
     cfg = model.config
-    itemsize = np.dtype(model.dtype).itemsize
-    n_params = model.num_parameters()
-    weight_bytes = n_params * itemsize
-    embed_params = cfg.vocab_size * cfg.hidden_size
-    head_params = embed_params  # the lm_head reads a (V, d) matrix per position, tied or not
-    body_params = n_params - embed_params - (0 if cfg.tie_word_embeddings else head_params)
-    decode_bytes = (body_params + head_params) * itemsize  # the embedding row itself is negligible
-    threads = os.cpu_count()
+    size = _sizes(model)
+    n_cpus = os.cpu_count()
 
-    print(f"model      {label}: {n_params / 1e6:.1f} M parameters, {weight_bytes / 1e6:.0f} MB in {model.dtype}")
+    print(f"model      {label}: {size.n_params / 1e6:.1f} M parameters, {size.weight_bytes / 1e6:.0f} MB "
+          f"in {model.dtype}")
     print(f"           d {cfg.hidden_size}, layers {cfg.num_hidden_layers}, e {cfg.intermediate_size}, "
           f"n {cfg.state_size}, V {cfg.vocab_size}")
     print(f"run        batch {args.batch}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
           f"impl {model.kernels.name}, prefill chunk {model.backbone.prefill_chunk_size}, "
-          f"best of {args.repeat}, {threads} CPUs")
+          f"best of {args.repeat}, {n_cpus} CPUs")
 
+    from . import threads
+
+    print(f"threads    {threads.note()}")
     runners = [MinimambaRunner(model)]
     if args.vs == "transformers":
-        runners.append(TransformersRunner(model))
+        runners.append(TransformersProcess(source, model.dtype))
+    try:
+        return _run(args, model, runners, size, rss0)
+    finally:
+        for runner in runners:
+            if hasattr(runner, "close"):
+                runner.close()
+
+
+def _sizes(model):
+    """Parameter counts and the bytes a decode step must read, for the memory and roofline lines."""
+    from types import SimpleNamespace
+
+    cfg = model.config
+    itemsize = np.dtype(model.dtype).itemsize
+    n_params = model.num_parameters()
+    embed_params = cfg.vocab_size * cfg.hidden_size
+    head_params = embed_params  # the lm_head reads a (V, d) matrix per position, tied or not
+    body_params = n_params - embed_params - (0 if cfg.tie_word_embeddings else head_params)
+    return SimpleNamespace(n_params=n_params, weight_bytes=n_params * itemsize, body_params=body_params,
+                           head_params=head_params,
+                           decode_bytes=(body_params + head_params) * itemsize)  # the embedding row is negligible
+
+
+def _run(args, model, runners, size, rss0):
+    cfg = model.config
+    weight_bytes, body_params, head_params, decode_bytes = (size.weight_bytes, size.body_params, size.head_params,
+                                                            size.decode_bytes)
     rng = np.random.default_rng(args.seed)
     ids = rng.integers(0, cfg.vocab_size, size=(args.batch, args.prompt_len), dtype=np.int64)
 
     warm = ids[:, :min(args.prompt_len, 16)]  # compile / load kernels and warm the allocators
     for runner in runners:
-        time_runner(runner, warm, min(args.new_tokens, 2))
+        runner.measure(warm, min(args.new_tokens, 2))
 
     best = {r.name: [math.inf, math.inf, 0] for r in runners}
     logits = {}
     for _ in range(args.repeat):
         for runner in runners:  # alternate, so drift in the machine's load hits both
-            t_prefill, t_decode, peak, logits[runner.name] = time_runner(runner, ids, args.new_tokens)
+            t_prefill, t_decode, peak, logits[runner.name] = runner.measure(ids, args.new_tokens)
             b = best[runner.name]
             b[0], b[1] = min(b[0], t_prefill), min(b[1], t_decode) if args.new_tokens else 0.0
             b[2] = max(b[2], peak or 0)
@@ -284,7 +394,7 @@ def run_bench(args):
     if mm[2]:
         print(f"\nmemory     prefill peak RSS {mm[2] / 1e9:.2f} GB = weights {weight_bytes / 1e9:.2f} GB "
               f"+ {(mm[2] - weight_bytes) / 1e9:.2f} GB (process RSS before loading {rss0 / 1e9:.2f} GB: "
-              f"Python, NumPy, Numba{', torch' if len(runners) > 1 else ''})")
+              f"Python, NumPy, Numba); transformers' figure is its own process's")
     if len(runners) > 1:
         hf = best["transformers"]
         diff = np.abs(logits["minimamba"] - logits["transformers"]).max()
@@ -322,3 +432,9 @@ def add_bench_parser(sub):
                    help="tokens per prefill chunk (default: the model's, 2048; 0: one pass)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_bench)
+
+
+if __name__ == "__main__":  # the transformers worker of TransformersProcess
+    if len(sys.argv) == 4 and sys.argv[1] == "--transformers-worker":
+        sys.exit(_transformers_worker(sys.argv[2], sys.argv[3]))
+    sys.exit("usage: python -m minimamba.bench --transformers-worker SOURCE DTYPE (use `minimamba bench`)")
