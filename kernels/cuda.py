@@ -104,11 +104,47 @@ def _constants(dtype):
     return t(0.0), t(1.0), t(20.0)
 
 
+def _device(py_func, dtype):
+    """A device function, inlined into its callers (so local arrays passed to it stay in registers)."""
+    if SIMULATOR:
+        return cuda.jit(device=True)(py_func)
+    return cuda.jit(device=True, forceinline=True, fastmath=np.dtype(dtype) == np.float32)(py_func)
+
+
 def _scan_functions(n, dtype):
     """scan_v1, chunk_state, chunk_carry, chunk_output for state size n."""
     N = n
     ZERO, ONE, THRESHOLD = _constants(dtype)
     ht = numba.from_dtype(np.dtype(dtype))
+
+    def run_steps(u, delta, B, C, z, out, h, a, bi, c, gb, gc, t0, t1, skip, bias, has_z, softplus):
+        """Steps t0..t1-1 of channel c from state h (updated in place): writes y, D skip and gate included."""
+        # The next step's inputs are loaded a step ahead, so their memory latency overlaps this step's math.
+        x_next = u[bi, c, t0] if t0 < t1 else ZERO
+        d_next = delta[bi, c, t0] if t0 < t1 else ZERO
+        g_next = z[bi, c, t0] if (has_z and t0 < t1) else ZERO
+        for t in range(t0, t1):
+            x = x_next
+            dt = d_next + bias
+            g = g_next
+            if t + 1 < t1:
+                x_next = u[bi, c, t + 1]
+                d_next = delta[bi, c, t + 1]
+                if has_z:
+                    g_next = z[bi, c, t + 1]
+            if softplus and dt <= THRESHOLD:
+                dt = math.log1p(math.exp(dt))
+            dtx = dt * x
+            y = ZERO
+            for i in range(N):
+                h[i] = math.exp(dt * a[i]) * h[i] + dtx * B[bi, gb, i, t]  # h_t = exp(dt A) h + dt B x
+                y += h[i] * C[bi, gc, i, t]  # y_t = C_t . h_t
+            y += skip * x
+            if has_z:
+                y = y * g / (ONE + math.exp(-g))  # y * silu(z)
+            out[bi, c, t] = y
+
+    steps = _device(run_steps, dtype)
 
     def scan_v1(u, delta, A, B, C, D, z, delta_bias, initial_state, out, last_state,
                 has_D, has_z, has_bias, softplus, has_init):
@@ -127,30 +163,7 @@ def _scan_functions(n, dtype):
             a[i] = A[c, i]
         skip = D[c] if has_D else ZERO
         bias = delta_bias[c] if has_bias else ZERO
-        # The next step's inputs are loaded a step ahead, so their memory latency overlaps this step's math.
-        x_next = u[bi, c, 0] if l > 0 else ZERO
-        d_next = delta[bi, c, 0] if l > 0 else ZERO
-        g_next = z[bi, c, 0] if (has_z and l > 0) else ZERO
-        for t in range(l):
-            x = x_next
-            dt = d_next + bias
-            g = g_next
-            if t + 1 < l:
-                x_next = u[bi, c, t + 1]
-                d_next = delta[bi, c, t + 1]
-                if has_z:
-                    g_next = z[bi, c, t + 1]
-            if softplus and dt <= THRESHOLD:
-                dt = math.log1p(math.exp(dt))
-            dtx = dt * x
-            y = ZERO
-            for i in range(N):
-                h[i] = math.exp(dt * a[i]) * h[i] + dtx * B[bi, gb, i, t]  # h_t = exp(dt A) h + dt B x
-                y += h[i] * C[bi, gc, i, t]  # y_t = C_t . h_t
-            y += skip * x
-            if has_z:
-                y = y * g / (ONE + math.exp(-g))  # y * silu(z)
-            out[bi, c, t] = y
+        steps(u, delta, B, C, z, out, h, a, bi, c, gb, gc, 0, l, skip, bias, has_z, softplus)
         for i in range(N):
             last_state[bi, c, i] = h[i]
 
@@ -229,30 +242,7 @@ def _scan_functions(n, dtype):
         skip = D[c] if has_D else ZERO
         bias = delta_bias[c] if has_bias else ZERO
         t0 = j * chunk_len
-        t1 = min(t0 + chunk_len, l)
-        x_next = u[bi, c, t0] if t0 < t1 else ZERO  # prefetched a step ahead, as in scan_v1
-        d_next = delta[bi, c, t0] if t0 < t1 else ZERO
-        g_next = z[bi, c, t0] if (has_z and t0 < t1) else ZERO
-        for t in range(t0, t1):
-            x = x_next
-            dt = d_next + bias
-            g = g_next
-            if t + 1 < t1:
-                x_next = u[bi, c, t + 1]
-                d_next = delta[bi, c, t + 1]
-                if has_z:
-                    g_next = z[bi, c, t + 1]
-            if softplus and dt <= THRESHOLD:
-                dt = math.log1p(math.exp(dt))
-            dtx = dt * x
-            y = ZERO
-            for i in range(N):
-                h[i] = math.exp(dt * a[i]) * h[i] + dtx * B[bi, gb, i, t]
-                y += h[i] * C[bi, gc, i, t]
-            y += skip * x
-            if has_z:
-                y = y * g / (ONE + math.exp(-g))
-            out[bi, c, t] = y
+        steps(u, delta, B, C, z, out, h, a, bi, c, gb, gc, t0, min(t0 + chunk_len, l), skip, bias, has_z, softplus)
         if j == nchunks - 1:
             for i in range(N):
                 last_state[bi, c, i] = h[i]
