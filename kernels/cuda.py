@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -91,6 +92,21 @@ V1_MIN_ROWS = 1 << 20  # selective_scan_fn picks v1 when b * d reaches this or l
 # (on an H200, chunked beat v1 3x even at b * d = 24576, l = 8192)
 CHUNK_TARGET_THREADS = 4 * 132 * 256  # chunked: aim for about this many threads (4 waves of 256 on an H100/H200)
 MIN_CHUNK = 16  # chunked: shortest chunk of l one thread walks
+SCAN_LONG = "chunked"  # the scan for long prompts (l > 64): "chunked" (measured) or "v3" (not yet measured)
+
+
+class V3Layout(NamedTuple):
+    """The compile-time shape of a scan_v3 block."""
+
+    lanes: int  # channel lanes per block
+    split: int  # threads per channel lane: the n states are split over them, ceil(n / split) each
+    channels: int  # channels per thread (lane, lane + lanes, ...): B and C read once from shared for all of them
+    steps: int  # steps of l staged in shared memory at a time
+
+
+V3_LAYOUT = V3Layout(lanes=32, split=2, channels=2, steps=16)  # 64 threads, 64 channels a block
+V3_TARGET_THREADS = 132 * 1024  # v3: aim for about this many threads (half an H200's resident threads) ...
+V3_MIN_CHUNK = 64  # ... in chunks of l no shorter than this (rounded up to whole tiles of `steps`)
 
 
 # ---------------------------------------------------------------- kernel factories
@@ -250,6 +266,199 @@ def _scan_functions(n, dtype):
     return dict(scan_v1=scan_v1, chunk_state=chunk_state, chunk_carry=chunk_carry, chunk_output=chunk_output)
 
 
+def _pow2_function(dtype):
+    """2 ** x: math.exp2 (one ex2.approx in float32 fastmath, no scaling multiply) where Python has it (3.11+)."""
+    if hasattr(math, "exp2"):
+        def pow2(x):
+            return math.exp2(x)
+    else:  # pragma: no cover - Python 3.10
+        LN2 = np.dtype(dtype).type(math.log(2.0))
+
+        def pow2(x):
+            return math.exp(x * LN2)
+    return pow2
+
+
+def _scan_v3_functions(n, dtype, layout):
+    """scan_v3_state and scan_v3_output for state size n and one V3Layout (chunk_carry is shared with chunked)."""
+    N = n
+    CL, S, KC, T = layout.lanes, layout.split, layout.channels, layout.steps
+    NS = -(-N // S)  # states per thread
+    NP = NS * S  # states padded to a whole number per thread (the pads stay 0: their A, B and C are 0)
+    CH = CL * KC  # channels per block
+    R = KC * NS  # state values per thread: h[m * NS + k] is channel lane + m * CL, state k * S + s
+    SP = S + 1 if S > 1 else 1  # sy's last axis, padded so the summing reads do not share a memory bank
+    ZERO, ONE, THRESHOLD = _constants(dtype)
+    LOG2E = np.dtype(dtype).type(1.0 / math.log(2.0))
+    ht = numba.from_dtype(np.dtype(dtype))
+
+    def stage_steps(u, delta, delta_bias, sdt, sx, bi, c0, cmax, t, nt, has_bias, softplus, tid, nthreads):
+        """delta (+ bias, softplus) and u of the block's channels for steps t..t+nt-1 into shared memory."""
+        for q in range(tid, nt * CH, nthreads):  # channels fastest: coalesced in the (b, l, d) layout
+            tt = q // CH
+            cc = q - tt * CH
+            dt = ZERO
+            x = ZERO
+            if cc < cmax:  # a channel past the block's end scans zeros (its A is 0 too)
+                ch = c0 + cc
+                dt = delta[bi, ch, t + tt] + (delta_bias[ch] if has_bias else ZERO)
+                if softplus and dt <= THRESHOLD:
+                    dt = math.log1p(math.exp(dt))
+                x = u[bi, ch, t + tt]
+            sdt[tt, cc] = dt
+            sx[tt, cc] = x
+
+    def stage_matrix(M, sM, bi, g, t, nt, tid, nthreads):
+        """B or C (group g) for steps t..t+nt-1 into shared memory: read once, used by every channel of the block."""
+        for q in range(tid, nt * NP, nthreads):
+            tt = q // NP
+            i = q - tt * NP
+            sM[tt, i] = M[bi, g, i, t + tt] if i < N else ZERO
+
+    def block_place(d, seg, nchunks, block):
+        """(batch row, chunk, first channel, channels in the block) of a block; blocks never straddle a group."""
+        nsub = (seg + CH - 1) // CH
+        sb = block % nsub
+        rest = block // nsub
+        nseg = d // seg
+        si = rest % nseg
+        rest = rest // nseg
+        j = rest % nchunks
+        bi = rest // nchunks
+        return bi, j, si * seg + sb * CH, min(CH, seg - sb * CH)
+
+    stage_dx = _device(stage_steps, dtype)
+    pow2 = _device(_pow2_function(dtype), dtype)
+    stage_bc = _device(stage_matrix, dtype)
+    place = _device(block_place, dtype)
+
+    def scan_v3_state(u, delta, A, B, delta_bias, chunk_h, chunk_dt, chunk_len, seg, has_bias, softplus):
+        # Pass 1: each chunk but the last, from h = 0: its end state and its summed delta.
+        nb, d, l = u.shape
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        lane = tid // S
+        s = tid - lane * S
+        bi, j, c0, cmax = place(d, seg, chunk_h.shape[1] - 1, cuda.blockIdx.x)
+        gb = c0 // (d // B.shape[1])
+        sdt = cuda.shared.array((T, CH), ht)
+        sx = cuda.shared.array((T, CH), ht)
+        sB = cuda.shared.array((T, NP), ht)
+        h = cuda.local.array(R, ht)
+        a = cuda.local.array(R, ht)
+        total = cuda.local.array(KC, ht)
+        for m in range(KC):
+            cc = lane + m * CL
+            total[m] = ZERO
+            for k in range(NS):
+                i = k * S + s
+                h[m * NS + k] = ZERO
+                a[m * NS + k] = A[c0 + cc, i] * LOG2E if (cc < cmax and i < N) else ZERO  # exp(x) = 2^(x log2 e)
+        t0 = j * chunk_len
+        t1 = min(t0 + chunk_len, l)
+        for t in range(t0, t1, T):
+            nt = min(T, t1 - t)
+            stage_dx(u, delta, delta_bias, sdt, sx, bi, c0, cmax, t, nt, has_bias, softplus, tid, nthreads)
+            stage_bc(B, sB, bi, gb, t, nt, tid, nthreads)
+            cuda.syncthreads()
+            for tt in range(nt):
+                rdt, rx, rB = sdt[tt, lane:], sx[tt, lane:], sB[tt, s:]  # constant offsets from here on
+                for m in range(KC):
+                    dt = rdt[m * CL]
+                    dtx = dt * rx[m * CL]
+                    total[m] += dt
+                    for k in range(NS):
+                        h[m * NS + k] = pow2(dt * a[m * NS + k]) * h[m * NS + k] + dtx * rB[k * S]
+            cuda.syncthreads()  # before the next tile overwrites the shared arrays
+        for m in range(KC):
+            cc = lane + m * CL
+            if cc < cmax:
+                for k in range(NS):
+                    i = k * S + s
+                    if i < N:
+                        chunk_h[bi, j, i, c0 + cc] = h[m * NS + k]
+                if s == 0:
+                    chunk_dt[bi, j, c0 + cc] = total[m]
+
+    def scan_v3_output(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_h, out, last_state, chunk_len, seg,
+                       has_D, has_z, has_bias, softplus, has_init, use_chunks):
+        # Pass 3: every chunk from the state entering it (chunk_h after chunk_carry, or initial_state when the
+        # scan is one chunk), writing y = C h + D x, gated by silu(z), and the last chunk's final state.
+        nb, d, l = u.shape
+        nchunks = (l + chunk_len - 1) // chunk_len
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        lane = tid // S
+        s = tid - lane * S
+        bi, j, c0, cmax = place(d, seg, nchunks, cuda.blockIdx.x)
+        gb = c0 // (d // B.shape[1])
+        gc = c0 // (d // C.shape[1])
+        sdt = cuda.shared.array((T, CH), ht)
+        sx = cuda.shared.array((T, CH), ht)
+        sB = cuda.shared.array((T, NP), ht)
+        sC = cuda.shared.array((T, NP), ht)
+        sy = cuda.shared.array((T, CH, SP), ht)  # per (step, channel): the partial sums of C h of its S threads
+        h = cuda.local.array(R, ht)
+        a = cuda.local.array(R, ht)
+        for m in range(KC):
+            cc = lane + m * CL
+            for k in range(NS):
+                i = k * S + s
+                h[m * NS + k] = ZERO
+                a[m * NS + k] = ZERO
+                if cc < cmax and i < N:
+                    a[m * NS + k] = A[c0 + cc, i] * LOG2E
+                    if use_chunks:
+                        h[m * NS + k] = chunk_h[bi, j, i, c0 + cc]
+                    elif has_init:
+                        h[m * NS + k] = initial_state[bi, c0 + cc, i]
+        t0 = j * chunk_len
+        t1 = min(t0 + chunk_len, l)
+        for t in range(t0, t1, T):
+            nt = min(T, t1 - t)
+            stage_dx(u, delta, delta_bias, sdt, sx, bi, c0, cmax, t, nt, has_bias, softplus, tid, nthreads)
+            stage_bc(B, sB, bi, gb, t, nt, tid, nthreads)
+            stage_bc(C, sC, bi, gc, t, nt, tid, nthreads)
+            cuda.syncthreads()
+            for tt in range(nt):
+                # rows of this step seen from this thread: constant offsets from here on (immediate addresses)
+                rdt, rx, rB, rC = sdt[tt, lane:], sx[tt, lane:], sB[tt, s:], sC[tt, s:]
+                for m in range(KC):
+                    dt = rdt[m * CL]
+                    dtx = dt * rx[m * CL]
+                    y = ZERO
+                    for k in range(NS):
+                        hk = pow2(dt * a[m * NS + k]) * h[m * NS + k] + dtx * rB[k * S]  # exp(dt A) h + dt B x
+                        h[m * NS + k] = hk
+                        y += hk * rC[k * S]  # this thread's share of C_t . h_t
+                    sy[tt, lane + m * CL, s] = y
+            cuda.syncthreads()
+            for q in range(tid, nt * CH, nthreads):  # one thread per (step, channel), channels fastest: coalesced
+                tt = q // CH
+                cc = q - tt * CH
+                if cc < cmax:
+                    y = ZERO
+                    for p in range(S):
+                        y += sy[tt, cc, p]
+                    if has_D:
+                        y += D[c0 + cc] * sx[tt, cc]
+                    if has_z:
+                        g = z[bi, c0 + cc, t + tt]
+                        y = y * g / (ONE + math.exp(-g))  # y * silu(z)
+                    out[bi, c0 + cc, t + tt] = y
+            cuda.syncthreads()
+        if j == nchunks - 1:
+            for m in range(KC):
+                cc = lane + m * CL
+                if cc < cmax:
+                    for k in range(NS):
+                        i = k * S + s
+                        if i < N:
+                            last_state[bi, c0 + cc, i] = h[m * NS + k]
+
+    return dict(scan_v3_state=scan_v3_state, scan_v3_output=scan_v3_output)
+
+
 def _update_functions(n, dtype):
     """state_update for state size n."""
     N = n
@@ -360,18 +569,38 @@ def kernel_signatures(dtype):
         chunk_state=v(a3, a3, a2, a4, a1, a4, a3, i, i, i),
         chunk_carry=v(a2, a3, a4, a3, i),
         chunk_output=v(a3, a3, a2, a4, a4, a1, a3, a1, a4, a3, a3, i, i, i, i, i),
+        scan_v3_state=v(a3, a3, a2, a4, a1, a4, a3, i, i, i, i),
+        scan_v3_output=v(a3, a3, a2, a4, a4, a1, a3, a1, a3, a4, a3, a3, i, i, i, i, i, i, i, i),
         state_update=v(a3, a2, a2, a2, a3, a3, a1, a2, a1, a2, i, i, i, i),
         conv_fwd=v(a3, a3, a2, a1, a3, i, i, i),
         conv_shift=v(a3, a3),
         conv_step=v(a2, a3, a2, a1, a2, i, i),
         linear=v(a2, a2, a2, i),
+        linear_v2=v(a2, a2, a3, i, i),
     )
 
 
-def kernel_functions(n, dtype):
-    """The Python functions of every kernel for state size n and one dtype (for compile checks)."""
-    return {**_scan_functions(n, dtype), **_update_functions(n, dtype), **_conv_functions(dtype),
-            **_linear_functions(LINEAR_ROWS[-1], dtype)}
+def kernel_functions(n, dtype, v3_layout=None, linear_layout=None, rows_per_thread=None):
+    """The Python functions of every kernel for state size n and one dtype (for compile checks).
+
+    v3 and linear_v2 in the given layouts (default: the module's V3_LAYOUT, LINEAR_V2_LAYOUT and
+    the largest row tile).
+    """
+    return {**_scan_functions(n, dtype), **_scan_v3_functions(n, dtype, v3_layout or V3_LAYOUT),
+            **_update_functions(n, dtype), **_conv_functions(dtype),
+            **_linear_functions(LINEAR_ROWS[-1], dtype),
+            **_linear_v2_functions(rows_per_thread or LINEAR_V2_ROWS_PER_THREAD[-1], dtype,
+                                   linear_layout or LINEAR_V2_LAYOUT)}
+
+
+def _jit(py_func, dtype_name):
+    if SIMULATOR:
+        return cuda.jit(py_func)
+    # fastmath (exp via ex2.approx, flush-to-zero) in float32 only; float64 is the ground-truth mode.
+    # Compiled lazily for the exact argument types (array layouts), so that each launch finds its
+    # kernel in the dispatcher's type cache; `kernel_signatures` gives the general ('A' layout)
+    # signatures the compile_ptx test checks.
+    return cuda.jit(fastmath=np.dtype(dtype_name) == np.float32)(py_func)
 
 
 @functools.lru_cache(maxsize=None)
@@ -384,13 +613,12 @@ def _kernel(name, n, dtype_name):
         py_func = _update_functions(n, dtype)[name]
     else:
         py_func = _scan_functions(n, dtype)[name]
-    if SIMULATOR:
-        return cuda.jit(py_func)
-    # fastmath (exp via ex2.approx, flush-to-zero) in float32 only; float64 is the ground-truth mode.
-    # Compiled lazily for the exact argument types (array layouts), so that each launch finds its
-    # kernel in the dispatcher's type cache; `kernel_signatures` gives the general ('A' layout)
-    # signatures the compile_ptx test checks.
-    return cuda.jit(fastmath=dtype == np.float32)(py_func)
+    return _jit(py_func, dtype_name)
+
+
+@functools.lru_cache(maxsize=None)
+def _v3_kernel(name, n, dtype_name, layout):
+    return _jit(_scan_v3_functions(n, np.dtype(dtype_name), layout)[name], dtype_name)
 
 
 # ---------------------------------------------------------------- arrays, streams, launches
@@ -500,9 +728,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
                       return_last_state=False, initial_state=None, chunk_size=None, version=None):
     """The selective scan on the GPU; arguments and result as `minimamba.ops.selective_scan_ref`.
 
-    Extra keywords: `version` "v1" or "chunked" (None picks by shape, see the module
-    docstring); `chunk_size` the chunked version's chunk of l (None: enough chunks to
-    fill the GPU). The output is a (b, d, l) view of a (b, l, d) array, the layout the
+    Extra keywords: `version` "v1", "chunked" or "v3" (None: v1 for short prompts or
+    many rows, else the module's SCAN_LONG; see the module docstring); `chunk_size` the
+    chunk of l of chunked and v3 (None: enough chunks to fill the GPU). The output is a (b, d, l) view of a (b, l, d) array, the layout the
     model reads next.
     """
     func = "selective_scan_fn"
@@ -524,7 +752,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     last_state = xp.empty((b, d, n), dtype=ct)
     softplus = int(bool(delta_softplus))
     if version is None:
-        version = "v1" if (b * d >= V1_MIN_ROWS or l <= 4 * MIN_CHUNK) else "chunked"
+        version = "v1" if (b * d >= V1_MIN_ROWS or l <= 4 * MIN_CHUNK) else SCAN_LONG
+    if version == "v3" and l == 0:
+        version = "v1"  # nothing to scan: v1 just hands the initial state on
     if version == "v1":
         _launch("scan_v1", n, ct, b * d, _arg(u_), _arg(delta_), _arg(A_), _arg(B4), _arg(C4), D_, z_, bias_,
                 init_, _arg(out), _arg(last_state), has_D, has_z, has_bias, softplus, has_init)
@@ -545,10 +775,55 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         _launch("chunk_carry", n, ct, b * n * d, a_A, init_, a_h, a_dt, has_init)
         _launch("chunk_output", n, ct, b * nchunks * d, a_u, a_delta, a_A, a_B, _arg(C4), D_, z_, bias_, a_h,
                 _arg(out), _arg(last_state), chunk_size, has_D, has_z, has_bias, softplus)
+    elif version == "v3":
+        _scan_v3(xp, ct, chunk_size, u_, delta_, A_, B4, C4, D_, z_, bias_, init_, out, last_state,
+                 has_D, has_z, has_bias, softplus, has_init)
     else:
-        raise ValueError(f"version must be None, 'v1' or 'chunked', got {version!r}")
+        raise ValueError(f"version must be None, 'v1', 'chunked' or 'v3', got {version!r}")
     out = _finish_dtype(out, u.dtype)
     return (out, last_state) if return_last_state else out
+
+
+def _scan_v3(xp, ct, chunk_size, u, delta, A, B4, C4, D_, z_, bias_, init_, out, last_state,
+             has_D, has_z, has_bias, softplus, has_init):
+    """The v3 launches: scan_v3_state and chunk_carry when there is more than one chunk, then scan_v3_output."""
+    layout = V3_LAYOUT
+    b, d, l = u.shape
+    n = A.shape[1]
+    channels = layout.lanes * layout.channels  # per block
+    threads = layout.lanes * layout.split  # per block
+    padded = -(-n // layout.split) * layout.split
+    shared = ct.itemsize * layout.steps * (2 * channels + 2 * padded + channels * (layout.split + (layout.split > 1)))
+    if shared > 48 * 1024:
+        raise ValueError(f"V3_LAYOUT {tuple(layout)} needs {shared} bytes of shared memory a block at n = {n} "
+                         f"({ct.name}); static shared memory stops at 49152: fewer steps or channels")
+    seg = math.gcd(d // B4.shape[1], d // C4.shape[1])  # a block's channels share one group of B and one of C
+    blocks = (d // seg) * -(-seg // channels)  # per (batch row, chunk)
+    if chunk_size is None:
+        nchunks = max(1, min(round(V3_TARGET_THREADS / (b * blocks * threads)), -(-l // V3_MIN_CHUNK)))
+        chunk_size = -(-l // nchunks)
+        chunk_size = -(-chunk_size // layout.steps) * layout.steps  # whole tiles
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = int(chunk_size)
+    nchunks = -(-l // chunk_size)
+    a_u, a_delta, a_A, a_B = _arg(u), _arg(delta), _arg(A), _arg(B4)
+    stream = _stream()
+    if nchunks > 1:
+        chunk_h = xp.empty((b, nchunks, n, d), dtype=ct)  # end states from 0, then states entering each chunk
+        chunk_dt = xp.empty((b, nchunks, d), dtype=ct)  # sum of delta over each chunk
+        chunk_h[:, -1] = 0  # the last chunk's end is never needed: zeros keep chunk_carry's last step harmless
+        chunk_dt[:, -1] = 0
+        a_h = _arg(chunk_h)
+        a_dt = _arg(chunk_dt)
+        _v3_kernel("scan_v3_state", n, ct.name, layout)[b * (nchunks - 1) * blocks, threads, stream](
+            a_u, a_delta, a_A, a_B, bias_, a_h, a_dt, chunk_size, seg, has_bias, softplus)
+        _launch("chunk_carry", n, ct, b * n * d, a_A, init_, a_h, a_dt, has_init)
+    else:
+        a_h = _dummy(xp, ct, 4)
+    _v3_kernel("scan_v3_output", n, ct.name, layout)[b * nchunks * blocks, threads, stream](
+        a_u, a_delta, a_A, a_B, _arg(C4), D_, z_, bias_, init_, a_h, _arg(out), _arg(last_state), chunk_size, seg,
+        has_D, has_z, has_bias, softplus, has_init, int(nchunks > 1))
 
 
 # ---------------------------------------------------------------- single-step state update
@@ -693,18 +968,101 @@ def _linear_functions(rows, dtype):
 
 @functools.lru_cache(maxsize=None)
 def _linear_kernel(rows, dtype_name):
-    py_func = _linear_functions(rows, np.dtype(dtype_name))["linear"]
-    if SIMULATOR:
-        return cuda.jit(py_func)
-    return cuda.jit(fastmath=np.dtype(dtype_name) == np.float32)(py_func)
+    return _jit(_linear_functions(rows, np.dtype(dtype_name))["linear"], dtype_name)
 
 
-def linear(x, weight, bias=None):
+class LinearLayout(NamedTuple):
+    """The compile-time shape of a linear_v2 block: threads (rows x cols), each a tile of rows x cols_per_thread."""
+
+    row_threads: int
+    col_threads: int
+    cols_per_thread: int
+    k_tile: int  # input width staged in shared memory at a time
+
+
+LINEAR = "v1"  # decode projections: "v1" (measured) or "v2" (not yet measured; v1 still runs batches of 1)
+LINEAR_V2_LAYOUT = LinearLayout(row_threads=16, col_threads=16, cols_per_thread=4, k_tile=32)  # 256 threads
+LINEAR_V2_ROWS_PER_THREAD = (1, 2, 4)  # compile-time row tiles: a batch runs in the smallest that holds it
+LINEAR_V2_MIN_ROWS = 2  # LINEAR = "v2" sends batches of at least this many rows to v2, smaller ones to v1
+LINEAR_V2_BLOCKS = 2 * 132  # v2 splits the input width over blocks until about this many run (2 per H200 SM)
+
+
+def _linear_v2_functions(rows_per_thread, dtype, layout):
+    """linear_v2 for row tiles of rows_per_thread rows per thread."""
+    TY, TX, TO, BK = layout
+    TM = rows_per_thread
+    BM = TY * TM  # rows of a block (all the batch rows of a launch)
+    BO = TX * TO  # output features of a block
+    BMP, BOP = BM + 1, BO + 1  # shared tiles padded by a column: no bank conflicts on either side
+    TMO = TM * TO
+    ZERO = np.dtype(dtype).type(0.0)
+    ht = numba.from_dtype(np.dtype(dtype))
+
+    def linear_v2(x, weight, out, nrows, k_len):
+        # Block (feature tile, split of the input width): out[split, r, o] for all rows r and BO features o,
+        # summed over k in the split's range. x and weight go through shared memory a (BK wide) tile at a time,
+        # so each weight element is read from memory once per launch, for all rows; each thread keeps a
+        # TM x TO tile of outputs in registers (rows trow + TY * m, features tcol + TX * p).
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        trow = tid // TX
+        tcol = tid - trow * TX
+        o, k = weight.shape
+        ntiles = (o + BO - 1) // BO
+        split = cuda.blockIdx.x // ntiles
+        o0 = (cuda.blockIdx.x - split * ntiles) * BO
+        kb = split * k_len
+        ke = min(kb + k_len, k)
+        sx = cuda.shared.array((BK, BMP), ht)  # transposed tiles
+        sw = cuda.shared.array((BK, BOP), ht)
+        acc = cuda.local.array(TMO, ht)
+        xr = cuda.local.array(TM, ht)
+        wr = cuda.local.array(TO, ht)
+        for e in range(TMO):
+            acc[e] = ZERO
+        for k0 in range(kb, ke, BK):
+            kt = min(BK, ke - k0)
+            for q in range(tid, BM * BK, nthreads):  # the input width fastest: coalesced reads
+                r = q // BK
+                kk = q - r * BK
+                sx[kk, r] = x[r, k0 + kk] if (r < nrows and kk < kt) else ZERO
+            for q in range(tid, BO * BK, nthreads):
+                oo = q // BK
+                kk = q - oo * BK
+                sw[kk, oo] = weight[o0 + oo, k0 + kk] if (o0 + oo < o and kk < kt) else ZERO
+            cuda.syncthreads()
+            for kk in range(BK):  # past kt the tiles hold zeros
+                for m in range(TM):
+                    xr[m] = sx[kk, trow + TY * m]
+                for p in range(TO):
+                    wr[p] = sw[kk, tcol + TX * p]
+                for m in range(TM):
+                    for p in range(TO):
+                        acc[m * TO + p] += xr[m] * wr[p]
+            cuda.syncthreads()
+        for m in range(TM):
+            r = trow + TY * m
+            for p in range(TO):
+                oo = o0 + tcol + TX * p
+                if r < nrows and oo < o:
+                    out[split, r, oo] = acc[m * TO + p]
+
+    return dict(linear_v2=linear_v2)
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_v2_kernel(rows_per_thread, dtype_name, layout):
+    return _jit(_linear_v2_functions(rows_per_thread, np.dtype(dtype_name), layout)["linear_v2"], dtype_name)
+
+
+def linear(x, weight, bias=None, version=None):
     """x @ weight.T (+ bias) without cuBLAS (so that CuPy lets a CUDA graph capture it).
 
-    Args: x (b, k), any strides; weight (o, k); bias (o,) or None. Returns (b, o).
-    Built for decode steps (small b): one block per output feature, so each weight row is
-    read once, coalesced, for all batch rows.
+    Args: x (b, k), any strides; weight (o, k); bias (o,) or None; version "v1", "v2" or
+    None (the module's LINEAR; under "v2", batches under LINEAR_V2_MIN_ROWS rows still run v1).
+    Returns (b, o). Built for decode steps (small b); each weight element is read once per
+    launch of 64 rows. v1: one block per output feature. v2: tiles (see _linear_v2_functions),
+    the input width split over blocks when the features alone would leave the GPU idle.
     """
     for name, array in (("x", x), ("weight", weight), ("bias", bias)):
         if array is not None:
@@ -713,19 +1071,51 @@ def linear(x, weight, bias=None):
         raise ValueError(f"linear: x has shape {tuple(x.shape)} and weight {tuple(weight.shape)}; "
                          "expected (b, k) and (o, k)")
     check_shape("bias", bias, (weight.shape[0],))
+    version = LINEAR if version is None else version
+    if version not in ("v1", "v2"):
+        raise ValueError(f"linear: version must be None, 'v1' or 'v2', got {version!r}")
     xp = array_module(x)
     ct = compute_dtype(x, weight)
     b, o = x.shape[0], weight.shape[0]
     out = xp.empty((b, o), dtype=ct)
     a_w = _arg(weight.astype(ct, copy=False))
     xc = x.astype(ct, copy=False)
+    if version == "v2" and b >= LINEAR_V2_MIN_ROWS:
+        _linear_v2(xp, xc, weight, a_w, out, ct)
+    else:
+        _linear_v1(xc, a_w, out, o, ct)
+    if bias is not None:
+        out += bias.astype(ct, copy=False)
+    return out
+
+
+def _linear_v1(xc, a_w, out, o, ct):
     if THREADS > 128 or THREADS & (THREADS - 1):
         raise ValueError(f"linear needs THREADS to be a power of two <= 128, got {THREADS}")
+    b = xc.shape[0]
     for start in range(0, b, LINEAR_ROWS[-1]):
         rows = min(b - start, LINEAR_ROWS[-1])
         bucket = next(size for size in LINEAR_ROWS if size >= rows)
         kernel = _linear_kernel(bucket, ct.name)
         kernel[o, THREADS, _stream()](_arg(xc[start:start + rows]), a_w, _arg(out[start:start + rows]), rows)
-    if bias is not None:
-        out += bias.astype(ct, copy=False)
-    return out
+
+
+def _linear_v2(xp, xc, weight, a_w, out, ct):
+    layout = LINEAR_V2_LAYOUT
+    o, k = weight.shape
+    tiles = -(-o // (layout.col_threads * layout.cols_per_thread))
+    splits = max(1, min(LINEAR_V2_BLOCKS // tiles, -(-k // (4 * layout.k_tile))))  # >= 4 k-tiles per split
+    k_len = -(-k // splits)
+    k_len = -(-k_len // layout.k_tile) * layout.k_tile
+    splits = -(-k // k_len) if k else 1
+    most = layout.row_threads * LINEAR_V2_ROWS_PER_THREAD[-1]
+    b = xc.shape[0]
+    for start in range(0, b, most):
+        rows = min(b - start, most)
+        tm = next(m for m in LINEAR_V2_ROWS_PER_THREAD if layout.row_threads * m >= rows)
+        kernel = _linear_v2_kernel(tm, ct.name, layout)
+        part = out[start:start + rows][None] if splits == 1 else xp.empty((splits, rows, o), dtype=ct)
+        kernel[tiles * splits, layout.row_threads * layout.col_threads, _stream()](
+            _arg(xc[start:start + rows]), a_w, _arg(part), rows, k_len)
+        if splits > 1:
+            out[start:start + rows] = part.sum(axis=0)  # (rows, o): the splits' partial sums
