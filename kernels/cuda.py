@@ -107,6 +107,9 @@ class V3Layout(NamedTuple):
 V3_LAYOUT = V3Layout(lanes=32, split=2, channels=2, steps=16)  # 64 threads, 64 channels a block
 V3_TARGET_THREADS = 132 * 1024  # v3: aim for about this many threads (half an H200's resident threads) ...
 V3_MIN_CHUNK = 64  # ... in chunks of l no shorter than this (rounded up to whole tiles of `steps`)
+V3_SHARED_LIMIT = 48 * 1024  # bytes of static shared memory a block may have (v3 halves `steps` to fit)
+V3_CANDIDATES = (V3Layout(32, 4, 2, 16), V3Layout(32, 2, 2, 16), V3Layout(128, 1, 1, 16), V3Layout(64, 1, 2, 16))
+# (the layouts the GPU check times side by side; tests/gpu compiles each of them)
 
 
 # ---------------------------------------------------------------- kernel factories
@@ -784,19 +787,28 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     return (out, last_state) if return_last_state else out
 
 
+def _v3_fit(layout, n, ct):
+    """The layout with its steps halved until a block's shared arrays fit in V3_SHARED_LIMIT bytes."""
+    channels = layout.lanes * layout.channels
+    padded = -(-n // layout.split) * layout.split
+    per_step = ct.itemsize * (2 * channels + 2 * padded + channels * (layout.split + (layout.split > 1)))
+    steps = layout.steps
+    while steps > 1 and steps * per_step > V3_SHARED_LIMIT:
+        steps //= 2
+    if steps * per_step > V3_SHARED_LIMIT:
+        raise ValueError(f"V3_LAYOUT {tuple(layout)} needs {per_step} bytes of shared memory a block even at one "
+                         f"step (n = {n}, {ct.name}); the limit is {V3_SHARED_LIMIT}: fewer channels a block")
+    return layout._replace(steps=steps)
+
+
 def _scan_v3(xp, ct, chunk_size, u, delta, A, B4, C4, D_, z_, bias_, init_, out, last_state,
              has_D, has_z, has_bias, softplus, has_init):
     """The v3 launches: scan_v3_state and chunk_carry when there is more than one chunk, then scan_v3_output."""
-    layout = V3_LAYOUT
     b, d, l = u.shape
     n = A.shape[1]
+    layout = _v3_fit(V3_LAYOUT, n, ct)
     channels = layout.lanes * layout.channels  # per block
     threads = layout.lanes * layout.split  # per block
-    padded = -(-n // layout.split) * layout.split
-    shared = ct.itemsize * layout.steps * (2 * channels + 2 * padded + channels * (layout.split + (layout.split > 1)))
-    if shared > 48 * 1024:
-        raise ValueError(f"V3_LAYOUT {tuple(layout)} needs {shared} bytes of shared memory a block at n = {n} "
-                         f"({ct.name}); static shared memory stops at 49152: fewer steps or channels")
     seg = math.gcd(d // B4.shape[1], d // C4.shape[1])  # a block's channels share one group of B and one of C
     blocks = (d // seg) * -(-seg // channels)  # per (batch row, chunk)
     if chunk_size is None:

@@ -115,9 +115,19 @@ def test_scan_v3_bad_input_is_named(v3, device, rng, monkeypatch):
     args = {name: to_dev(a) for name, a in scan_inputs(rng, np.float32).items()}
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         v3.selective_scan_fn(**args, version="v3", chunk_size=0)
-    monkeypatch.setattr(v3, "V3_LAYOUT", v3.V3Layout(lanes=64, split=4, channels=4, steps=16))
+    monkeypatch.setattr(v3, "V3_SHARED_LIMIT", 100)  # SMALL needs 192 bytes a step in float32
     with pytest.raises(ValueError, match="shared memory"):
         v3.selective_scan_fn(**args, version="v3")
+
+
+def test_scan_v3_halves_its_tiles_to_fit_shared_memory(v3, device, rng, monkeypatch):
+    monkeypatch.setattr(v3, "V3_SHARED_LIMIT", 800)  # SMALL in float64: 384 bytes a step, so 2 steps a tile
+    assert v3._v3_fit(v3.V3_LAYOUT, n, np.dtype(np.float64)).steps == 2
+    args = scan_inputs(rng, np.float64)
+    out, last = run_scan(v3, device, args, delta_softplus=True, version="v3", chunk_size=5)
+    ref, ref_last = reference_scan(args, delta_softplus=True)
+    assert_close("scan v3 in tiles of 2 steps", out, ref, F64_TOL)
+    assert_close("scan v3 in tiles of 2 steps, last_state", last, ref_last, F64_TOL)
 
 
 def test_scan_v3_empty_sequence_hands_the_state_on(v3, device, rng):
