@@ -5,42 +5,80 @@ and gives the same result; tests/gpu compares them (under the CUDA simulator on
 any machine, on a real GPU when one is there).
 
 Versions, and what each parallelises over (b batch, d channels, l length, n state),
-with what the GPU check measured on one H200 (float32, d = 1536, n = 16):
+with what the GPU check measured on one H200 (float32, d = 1536, n = 16). Which one
+runs is chosen by module constants; a version not yet measured on a GPU is never the
+default: `python -m minimamba.kernels.gpu_check` times each beside its predecessor and
+prints which constant to flip.
 
     selective_scan_fn
       v1       scan_v1: one thread per (b, channel), looping over l with the n
                state values in registers; the paper's hardware-aware scan in its
                simplest form (Section 3.3.2: the state never touches HBM).
                Used for l <= 64 (prompt chunks, tests). 1x8192: 12.3 ms; 16x8192: 13.0 ms.
-      chunked  three launches, for long prompts:
+      chunked  three launches, for long prompts (SCAN_LONG = "chunked", the default):
                chunk_state   one thread per (b, chunk of l, channel): the chunk's
                              end state from zero and its summed delta;
                chunk_carry   one thread per (b, state, channel): walks the chunks
                              in order, h_in(j+1) = exp(A * sum delta_j) h_in(j) + end_j;
                chunk_output  one thread per (b, chunk, channel): reruns its chunk
                              from h_in, writes y and (last chunk) the final state.
-               Costs a second pass of exp(delta A), but fills the GPU.
+               scan_v1 and chunk_output share their step loop (run_steps, an inlined
+               device function). Costs a second pass of exp(delta A), but fills the GPU.
                1x8192: 0.47 ms (435 GB/s, 9% of 4.8 TB/s); 16x8192: 6.1 ms (11%).
                Both are far from the bandwidth: per step and state they issue two
-               strided loads (B, C) and an exp; the next version should stage B and C
-               in shared memory and split the states over threads.
+               strided loads (B, C), an exp and ~7 integer ops of 4-D index arithmetic
+               (SASS: ~20 instructions per state-step in chunk_output, ~14 in chunk_state).
+      v3       NOT YET MEASURED ON A GPU (SCAN_LONG = "v3" to use it). The same three
+               passes, re-blocked: one block per (b, chunk, group of channels) whose
+               channels share one group of B and C (V3Layout: `lanes` x `split` threads,
+               `channels` channels per thread). Each tile of `steps` steps is staged in
+               shared memory once per block -- softplus(delta + bias) and u per channel,
+               B and C per state -- so B and C are read from HBM once per block, not once
+               per channel, and softplus once per (channel, step), not once per state.
+               A thread holds `channels` x ceil(n / split) states in registers (the n
+               states of a channel split over `split` threads; their shares of C h are
+               summed through shared memory, then the D skip and the silu(z) gate are
+               applied by one thread per (step, channel), writes coalesced over channels).
+               exp(dt A) is one ex2 (A pre-scaled by log2 e; math.exp2). Pass 1 skips the
+               last chunk (its end state is never needed); with one chunk (large b) passes
+               1 and 2 are skipped. Chunks: about V3_TARGET_THREADS threads in all.
+               Static estimate from SASS (ptxas/nvdisasm, sm_90, default layout 32x2x2x16):
+               8.3 instructions per state-step in pass 3, 6.2 in pass 1 (chunked: ~20
+               and ~14), no spills. The floor at b = 1 is the exp unit (16 ex2 per clock per
+               SM): two exps per state-step over 1536 x 8192 x 16 is ~96 us, ~2.1 TB/s =
+               44% of 4.8 TB/s, below the 50% target; reaching it needs fewer chunks
+               (large b: one chunk, one exp per state-step) or part of the exps on the
+               FMA pipe (a polynomial 2^x), not tried.
     selective_state_update   one thread per (b, channel), loop over n, state in place.
     causal_conv1d_fn         one thread per (b, position, channel).
     causal_conv1d_update     l == 1 (decode): one thread per (b, channel), output and
                              state shift fused; l > 1: conv_fwd reading the state as
                              left context, then conv_shift, one thread per (b, channel).
-    linear                   x @ W.T for decode steps: one block per output feature, threads
-                             over the input width, shared-memory sum. Not an ops twin: it
-                             exists so the decode step can be captured in a CUDA graph
-                             (CuPy refuses cuBLAS during capture); see cuda_graph.py.
+    linear                   x @ W.T for decode steps. Not an ops twin: it exists so the
+                             decode step can be captured in a CUDA graph (CuPy refuses
+                             cuBLAS during capture); see cuda_graph.py.
+      v1       one block per output feature, threads over the input width, shared-memory
+               tree sum; every thread re-reads x for all rows (up to 64) per weight element.
+               LINEAR = "v1", the default. Measured in the CUDA-graph decode: batch 1
+               705 tok/s, batch 64 4,656 tok/s (10,000 is the target).
+      v2       NOT YET MEASURED ON A GPU (LINEAR = "v2" to use it for batches of
+               LINEAR_V2_MIN_ROWS = 2 rows or more; batch 1 stays on v1 unless that is
+               lowered to 1). Tiled: a block of 16 x 16 threads computes 64 features for
+               all rows (16, 32 or 64, compiled per row tile), staging x and W in shared
+               memory 32 inputs at a time; each thread holds a 4 x 4 (or 1 x 4, 2 x 4)
+               tile of outputs, so each weight element is read once per launch. When the
+               features alone give few blocks (x_proj: 80, out_proj: 768) the input width
+               is split over blocks (LINEAR_V2_BLOCKS) and the partial sums added by CuPy.
+               SASS: 2.9 instructions per multiply-add (v1 at 64 rows: 10, with a global
+               load each).
 
 Launch cost: numba-cuda 0.30 spends ~15 us per array argument per launch (145 us
 for selective_state_update's ten), so eager decode is launch-bound; the CUDA
 graph of kernels.cuda_graph removes it (batch 1: 49 -> 705 tokens/s on an H200).
 
-Kernels use plain `cuda.jit`, local arrays and the 1-D grid only (no warp
-shuffles), so they run under the simulator and move to another CUDA Python
-front end by an import change. Kernels are built per (state size n, dtype) by a
+Kernels use plain `cuda.jit`, local and shared arrays, syncthreads, inlined device
+functions and the 1-D grid only (no warp shuffles), so they run under the simulator
+and move to another CUDA Python front end by an import change. Kernels are built per (state size n, dtype) by a
 factory so the loops over n have a compile-time trip count (unrolled, the state
 stays in registers) and float literals carry the kernel's dtype.
 
@@ -104,7 +142,8 @@ class V3Layout(NamedTuple):
     steps: int  # steps of l staged in shared memory at a time
 
 
-V3_LAYOUT = V3Layout(lanes=32, split=2, channels=2, steps=16)  # 64 threads, 64 channels a block
+V3_LAYOUT = V3Layout(lanes=32, split=2, channels=2, steps=16)  # 64 threads, 64 channels a block; picked on
+# static SASS counts (see the docstring) until the GPU check's side-by-side timing of V3_CANDIDATES settles it
 V3_TARGET_THREADS = 132 * 1024  # v3: aim for about this many threads (half an H200's resident threads) ...
 V3_MIN_CHUNK = 64  # ... in chunks of l no shorter than this (rounded up to whole tiles of `steps`)
 V3_SHARED_LIMIT = 48 * 1024  # bytes of static shared memory a block may have (v3 halves `steps` to fit)
@@ -733,8 +772,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
 
     Extra keywords: `version` "v1", "chunked" or "v3" (None: v1 for short prompts or
     many rows, else the module's SCAN_LONG; see the module docstring); `chunk_size` the
-    chunk of l of chunked and v3 (None: enough chunks to fill the GPU). The output is a (b, d, l) view of a (b, l, d) array, the layout the
-    model reads next.
+    chunk of l of chunked and v3 (None: enough chunks to fill the GPU). The output is a
+    (b, d, l) view of a (b, l, d) array, the layout the model reads next.
     """
     func = "selective_scan_fn"
     for name, array in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
