@@ -334,8 +334,12 @@ def _scan_v3_functions(n, dtype, layout):
     LOG2E = np.dtype(dtype).type(1.0 / math.log(2.0))
     ht = numba.from_dtype(np.dtype(dtype))
 
-    def stage_steps(u, delta, delta_bias, sdt, sx, bi, c0, cmax, t, nt, has_bias, softplus, tid, nthreads):
-        """delta (+ bias, softplus) and u of the block's channels for steps t..t+nt-1 into shared memory."""
+    def stage_tile(u, delta, delta_bias, B, C, sdt, sx, sB, sC, bi, c0, cmax, gb, gc, t, nt, has_bias, softplus,
+                   with_c):
+        """Steps t..t+nt-1 into shared memory: delta (+ bias, softplus) and u of the block's channels, and
+        B (and C when with_c) of its group, read once and used by every channel of the block."""
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
         for q in range(tid, nt * CH, nthreads):  # channels fastest: coalesced in the (b, l, d) layout
             tt = q // CH
             cc = q - tt * CH
@@ -349,39 +353,49 @@ def _scan_v3_functions(n, dtype, layout):
                 x = u[bi, ch, t + tt]
             sdt[tt, cc] = dt
             sx[tt, cc] = x
-
-    def stage_matrix(M, sM, bi, g, t, nt, tid, nthreads):
-        """B or C (group g) for steps t..t+nt-1 into shared memory: read once, used by every channel of the block."""
         for q in range(tid, nt * NP, nthreads):
             tt = q // NP
             i = q - tt * NP
-            sM[tt, i] = M[bi, g, i, t + tt] if i < N else ZERO
+            sB[tt, i] = B[bi, gb, i, t + tt] if i < N else ZERO
+            if with_c:
+                sC[tt, i] = C[bi, gc, i, t + tt] if i < N else ZERO
 
-    def block_place(d, seg, nchunks, block):
-        """(batch row, chunk, first channel, channels in the block) of a block; blocks never straddle a group."""
+    def block_place(d, l, seg, nchunks, chunk_len):
+        """This thread's (thread, channel lane, state slot) and its block's (batch row, chunk, first channel,
+        channels in the block, first and end step); blocks never straddle a group of B or C."""
+        tid = cuda.threadIdx.x
+        lane = tid // S
         nsub = (seg + CH - 1) // CH
+        block = cuda.blockIdx.x
         sb = block % nsub
         rest = block // nsub
         nseg = d // seg
         si = rest % nseg
         rest = rest // nseg
         j = rest % nchunks
-        bi = rest // nchunks
-        return bi, j, si * seg + sb * CH, min(CH, seg - sb * CH)
+        t0 = j * chunk_len
+        return (tid, lane, tid - lane * S, rest // nchunks, j, si * seg + sb * CH, min(CH, seg - sb * CH),
+                t0, min(t0 + chunk_len, l))
 
-    stage_dx = _device(stage_steps, dtype)
+    def store_states(h, dst, c0, cmax, lane, s):
+        """This thread's states into dst[i, c] (an (n, d) view), skipping the pads."""
+        for m in range(KC):
+            cc = lane + m * CL
+            if cc < cmax:
+                for k in range(NS):
+                    i = k * S + s
+                    if i < N:
+                        dst[i, c0 + cc] = h[m * NS + k]
+
+    stage = _device(stage_tile, dtype)
+    store = _device(store_states, dtype)
     pow2 = _device(_pow2_function(dtype), dtype)
-    stage_bc = _device(stage_matrix, dtype)
     place = _device(block_place, dtype)
 
     def scan_v3_state(u, delta, A, B, delta_bias, chunk_h, chunk_dt, chunk_len, seg, has_bias, softplus):
         # Pass 1: each chunk but the last, from h = 0: its end state and its summed delta.
         nb, d, l = u.shape
-        tid = cuda.threadIdx.x
-        nthreads = cuda.blockDim.x
-        lane = tid // S
-        s = tid - lane * S
-        bi, j, c0, cmax = place(d, seg, chunk_h.shape[1] - 1, cuda.blockIdx.x)
+        tid, lane, s, bi, j, c0, cmax, t0, t1 = place(d, l, seg, chunk_h.shape[1] - 1, chunk_len)
         gb = c0 // (d // B.shape[1])
         sdt = cuda.shared.array((T, CH), ht)
         sx = cuda.shared.array((T, CH), ht)
@@ -396,12 +410,9 @@ def _scan_v3_functions(n, dtype, layout):
                 i = k * S + s
                 h[m * NS + k] = ZERO
                 a[m * NS + k] = A[c0 + cc, i] * LOG2E if (cc < cmax and i < N) else ZERO  # exp(x) = 2^(x log2 e)
-        t0 = j * chunk_len
-        t1 = min(t0 + chunk_len, l)
         for t in range(t0, t1, T):
             nt = min(T, t1 - t)
-            stage_dx(u, delta, delta_bias, sdt, sx, bi, c0, cmax, t, nt, has_bias, softplus, tid, nthreads)
-            stage_bc(B, sB, bi, gb, t, nt, tid, nthreads)
+            stage(u, delta, delta_bias, B, B, sdt, sx, sB, sB, bi, c0, cmax, gb, gb, t, nt, has_bias, softplus, 0)
             cuda.syncthreads()
             for tt in range(nt):
                 rdt, rx, rB = sdt[tt, lane:], sx[tt, lane:], sB[tt, s:]  # constant offsets from here on
@@ -412,15 +423,10 @@ def _scan_v3_functions(n, dtype, layout):
                     for k in range(NS):
                         h[m * NS + k] = pow2(dt * a[m * NS + k]) * h[m * NS + k] + dtx * rB[k * S]
             cuda.syncthreads()  # before the next tile overwrites the shared arrays
+        store(h, chunk_h[bi, j], c0, cmax, lane, s)
         for m in range(KC):
-            cc = lane + m * CL
-            if cc < cmax:
-                for k in range(NS):
-                    i = k * S + s
-                    if i < N:
-                        chunk_h[bi, j, i, c0 + cc] = h[m * NS + k]
-                if s == 0:
-                    chunk_dt[bi, j, c0 + cc] = total[m]
+            if s == 0 and lane + m * CL < cmax:
+                chunk_dt[bi, j, c0 + lane + m * CL] = total[m]
 
     def scan_v3_output(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_h, out, last_state, chunk_len, seg,
                        has_D, has_z, has_bias, softplus, has_init, use_chunks):
@@ -428,11 +434,8 @@ def _scan_v3_functions(n, dtype, layout):
         # scan is one chunk), writing y = C h + D x, gated by silu(z), and the last chunk's final state.
         nb, d, l = u.shape
         nchunks = (l + chunk_len - 1) // chunk_len
-        tid = cuda.threadIdx.x
+        tid, lane, s, bi, j, c0, cmax, t0, t1 = place(d, l, seg, nchunks, chunk_len)
         nthreads = cuda.blockDim.x
-        lane = tid // S
-        s = tid - lane * S
-        bi, j, c0, cmax = place(d, seg, nchunks, cuda.blockIdx.x)
         gb = c0 // (d // B.shape[1])
         gc = c0 // (d // C.shape[1])
         sdt = cuda.shared.array((T, CH), ht)
@@ -454,13 +457,9 @@ def _scan_v3_functions(n, dtype, layout):
                         h[m * NS + k] = chunk_h[bi, j, i, c0 + cc]
                     elif has_init:
                         h[m * NS + k] = initial_state[bi, c0 + cc, i]
-        t0 = j * chunk_len
-        t1 = min(t0 + chunk_len, l)
         for t in range(t0, t1, T):
             nt = min(T, t1 - t)
-            stage_dx(u, delta, delta_bias, sdt, sx, bi, c0, cmax, t, nt, has_bias, softplus, tid, nthreads)
-            stage_bc(B, sB, bi, gb, t, nt, tid, nthreads)
-            stage_bc(C, sC, bi, gc, t, nt, tid, nthreads)
+            stage(u, delta, delta_bias, B, C, sdt, sx, sB, sC, bi, c0, cmax, gb, gc, t, nt, has_bias, softplus, 1)
             cuda.syncthreads()
             for tt in range(nt):
                 # rows of this step seen from this thread: constant offsets from here on (immediate addresses)
@@ -490,13 +489,7 @@ def _scan_v3_functions(n, dtype, layout):
                     out[bi, c0 + cc, t + tt] = y
             cuda.syncthreads()
         if j == nchunks - 1:
-            for m in range(KC):
-                cc = lane + m * CL
-                if cc < cmax:
-                    for k in range(NS):
-                        i = k * S + s
-                        if i < N:
-                            last_state[bi, c0 + cc, i] = h[m * NS + k]
+            store(h, last_state[bi].T, c0, cmax, lane, s)
 
     return dict(scan_v3_state=scan_v3_state, scan_v3_output=scan_v3_output)
 
