@@ -788,9 +788,11 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     softplus = int(bool(delta_softplus))
     if version is None:
         version = "v1" if (b * d >= V1_MIN_ROWS or l <= 4 * MIN_CHUNK) else SCAN_LONG
-    if version == "v3" and l == 0:
-        version = "v1"  # nothing to scan: v1 just hands the initial state on
-    if version == "v1":
+    if version not in ("v1", "chunked", "v3"):
+        raise ValueError(f"version must be None, 'v1', 'chunked' or 'v3', got {version!r}")
+    if l == 0:  # nothing to scan (and no zero-size arrays handed to a launch): the state passes through
+        last_state[...] = 0 if initial_state is None else initial_state
+    elif version == "v1":
         _launch("scan_v1", n, ct, b * d, _arg(u_), _arg(delta_), _arg(A_), _arg(B4), _arg(C4), D_, z_, bias_,
                 init_, _arg(out), _arg(last_state), has_D, has_z, has_bias, softplus, has_init)
     elif version == "chunked":
@@ -813,8 +815,6 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     elif version == "v3":
         _scan_v3(xp, ct, chunk_size, u_, delta_, A_, B4, C4, D_, z_, bias_, init_, out, last_state,
                  has_D, has_z, has_bias, softplus, has_init)
-    else:
-        raise ValueError(f"version must be None, 'v1', 'chunked' or 'v3', got {version!r}")
     out = _finish_dtype(out, u.dtype)
     return (out, last_state) if return_last_state else out
 
@@ -1124,7 +1124,9 @@ def linear(x, weight, bias=None, version=None):
     out = xp.empty((b, o), dtype=ct)
     a_w = _arg(weight.astype(ct, copy=False))
     xc = x.astype(ct, copy=False)
-    if version == "v2" and b >= LINEAR_V2_MIN_ROWS:
+    if 0 in (b, o, weight.shape[1]):  # nothing to compute, or an empty sum: no zero-size launch
+        out[...] = 0
+    elif version == "v2" and b >= LINEAR_V2_MIN_ROWS:
         _linear_v2(xp, xc, weight, a_w, out, ct)
     else:
         _linear_v1(xc, a_w, out, o, ct)

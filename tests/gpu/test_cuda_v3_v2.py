@@ -130,13 +130,16 @@ def test_scan_v3_halves_its_tiles_to_fit_shared_memory(v3, device, rng, monkeypa
     assert_close("scan v3 in tiles of 2 steps, last_state", last, ref_last, F64_TOL)
 
 
-def test_scan_v3_empty_sequence_hands_the_state_on(v3, device, rng):
-    to_dev, to_host = device
+@pytest.mark.parametrize("version", ["v1", "chunked", "v3"])
+def test_scan_empty_sequence_hands_the_state_on(v3, device, rng, version):
     args = scan_inputs(rng, np.float32)
     args = {name: (a[..., :0] if name in ("u", "delta", "z", "B", "C") else a) for name, a in args.items()}
-    out, last = run_scan(v3, device, args, delta_softplus=True, version="v3")
+    out, last = run_scan(v3, device, args, delta_softplus=True, version=version)
     assert out.shape == (b, d, 0)
-    assert_close("v3 l=0 last_state", last, args["initial_state"], 0.0)
+    assert_close(f"{version} l=0 last_state", last, args["initial_state"], 0.0)
+    args["initial_state"] = None
+    out, last = run_scan(v3, device, args, delta_softplus=True, version=version)
+    assert_close(f"{version} l=0 last_state from no state", last, np.zeros((b, d, n)), 0.0)
 
 
 # ---------------------------------------------------------------- linear v2
@@ -192,10 +195,12 @@ def test_linear_version_choice(lin, device, rng, monkeypatch):
         lin.linear(to_dev(x), to_dev(weight), version="v9")
 
 
-def test_linear_v2_empty_input_width(lin, device):
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("rows,features,width", [(3, 4, 0), (0, 4, 5), (3, 0, 5)])
+def test_linear_empty(lin, device, version, rows, features, width):
     to_dev, to_host = device
-    got = lin.linear(to_dev(np.ones((3, 0))), to_dev(np.ones((4, 0))), version="v2")
-    assert_close("linear v2 k=0", to_host(got), np.zeros((3, 4)), 0.0)
+    got = lin.linear(to_dev(np.ones((rows, width))), to_dev(np.ones((features, width))), version=version)
+    assert_close(f"linear {version} {rows}x{width} @ {width}x{features}", to_host(got), np.zeros((rows, features)), 0.0)
 
 
 def test_state_update_steps_equal_scan_v3(v3, device, rng):
