@@ -4,7 +4,7 @@
 
 (from a source checkout with minimamba installed, `pip install -e .`, or with
 `ln -s ../kernels minimamba/kernels` and PYTHONPATH set to the checkout: tests/gpu
-must sit beside the package). About 80 s on an H200.
+must sit beside the package). About 80 s on an H200 before v3/v2 were added (+~30 s expected).
 
 1. runs tests/gpu on the GPU (MINIMAMBA_GPU_TESTS=1, CuPy arrays, real kernels);
 2. checks the logits of a random 130m-shape model on the GPU (float32, impl="cuda",
@@ -12,7 +12,12 @@ must sit beside the package). About 80 s on an H200.
 3. prints a benchmark table -- prefill tokens/s (512, 8192 tokens), decode tokens/s at
    batch 1 and 64 (eager, and replayed from a CUDA graph), the scan kernel's GB/s as a
    fraction of the card's bandwidth -- beside transformers' PyTorch path on the same GPU
-   and weights (saved with save_pretrained to a temporary folder).
+   and weights (saved with save_pretrained to a temporary folder);
+4. times the measured kernels and their not-yet-measured successors side by side, and
+   names the winner of each choice in kernels/cuda.py: the long-prompt scan (SCAN_LONG:
+   chunked or v3, at 1x and 16x1536x8192, with v3's V3_CANDIDATES layouts and a few chunk
+   sizes, each output checked against v1 at full size) and the decode projections
+   (LINEAR: v1 or v2, CUDA-graph decode at batch 64 and 1).
 
 Every section is guarded: an error is printed and the check goes on. The table goes to
 $OUT/gpu_check.txt and the whole log to $OUT/gpu_check_log.txt when OUT is set.
@@ -266,10 +271,13 @@ def prefill_bench(models, results, lengths):
         say(f"minimamba prefill {length:5d} tokens: {seconds * 1e3:8.2f} ms = {length / seconds:10.0f} tok/s")
 
 
-def decode_bench(models, results, batch, eager_steps, graph_steps):
+def decode_bench(models, results, batch, eager_steps, graph_steps, linear=None):
+    """Eager and CUDA-graph decode; with `linear` ("v1"/"v2") the graph only, its projections on that
+    version of kernels.cuda.linear (the eager path uses cuBLAS, which no linear version touches)."""
     import cupy
 
     from minimamba import MambaCache
+    from minimamba.kernels import cuda as kc
     from minimamba.kernels.cuda_graph import GraphDecodeStep
 
     gpu, config = models["gpu"], models["config"]
@@ -288,29 +296,37 @@ def decode_bench(models, results, batch, eager_steps, graph_steps):
         box[0] = logits.argmax(axis=-1)
         return logits
 
-    cache, tokens = prefilled()
-    box = [tokens]
-    seconds = wall(lambda: eager_step(cache, box), reps=eager_steps, warmup=2)
-    results[f"decode_b{batch}_eager"] = batch / seconds
-    say(f"minimamba decode batch {batch:2d}, eager: {seconds * 1e3:7.2f} ms/step = {batch / seconds:9.0f} tok/s")
+    if linear is None:
+        cache, tokens = prefilled()
+        box = [tokens]
+        seconds = wall(lambda: eager_step(cache, box), reps=eager_steps, warmup=2)
+        results[f"decode_b{batch}_eager"] = batch / seconds
+        say(f"minimamba decode batch {batch:2d}, eager: {seconds * 1e3:7.2f} ms/step = {batch / seconds:9.0f} tok/s")
 
     # graph replay, checked against eager steps from the same prefilled state
+    key = f"b{batch}" + (f"_{linear}" if linear else "")
+    label = f"CUDA graph, linear {linear or kc.LINEAR}"
     eager_cache, eager_tokens = prefilled()
     graph_cache, graph_tokens = prefilled()
+    saved = kc.LINEAR, kc.LINEAR_V2_MIN_ROWS
+    if linear:
+        kc.LINEAR, kc.LINEAR_V2_MIN_ROWS = linear, 1  # this version for every batch size (batch 1 too)
     try:
-        step = GraphDecodeStep(gpu, graph_cache, greedy=True)
+        step = GraphDecodeStep(gpu, graph_cache, greedy=True)  # captures the linear version chosen now
     except Exception as err:  # noqa: BLE001 - e.g. CuPy refusing cuBLAS calls during capture
         say(f"CUDA graph capture failed: {type(err).__name__}: {err}")
-        results[f"decode_b{batch}_graph_error"] = f"{type(err).__name__}: {err}"
+        results[f"decode_{key}_graph_error"] = f"{type(err).__name__}: {err}"
         return
+    finally:
+        kc.LINEAR, kc.LINEAR_V2_MIN_ROWS = saved
     step.tokens[...] = graph_tokens
     box = [eager_tokens]
     diffs = [float(cupy.abs(step() - eager_step(eager_cache, box)).max()) for _ in range(3)]
-    say(f"graph vs eager logits over 3 greedy steps: max abs diff {max(diffs):.2e}")
-    results[f"graph_diff_b{batch}"] = max(diffs)
+    say(f"graph ({label}) vs eager logits over 3 greedy steps: max abs diff {max(diffs):.2e}")
+    results[f"graph_diff_{key}"] = max(diffs)
     seconds = wall(step, reps=graph_steps, warmup=2)
-    results[f"decode_b{batch}_graph"] = batch / seconds
-    say(f"minimamba decode batch {batch:2d}, CUDA graph: {seconds * 1e3:7.3f} ms/step = {batch / seconds:9.0f} tok/s")
+    results[f"decode_{key}_graph"] = batch / seconds
+    say(f"minimamba decode batch {batch:2d}, {label}: {seconds * 1e3:7.3f} ms/step = {batch / seconds:9.0f} tok/s")
 
 
 def scan_bench(results):
@@ -341,19 +357,60 @@ def scan_bench(results):
     say(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write), {copy_bw / CARD_BANDWIDTH:.0%} of 4.8 TB/s")
     src = dst = None  # free the 2 GiB
 
-    for b, l, versions in ((1, 8192, ("chunked", "v1")), (1, 512, ("chunked", "v1")), (16, 8192, ("v1", "chunked"))):
+    shapes = ((1, 8192, ("chunked", "v1", "v3")), (1, 512, ("chunked", "v1", "v3")),
+              (16, 8192, ("v1", "chunked", "v3")))
+    for b, l, versions in shapes:
         args = inputs(b, l)
         nbytes = 4 * (4 * b * d * l + 2 * b * n * l + b * d * n + d * n + 2 * d)  # u, delta, z, out; B, C; state
-        for version in versions:
-            seconds = queued_time(lambda: kc.selective_scan_fn(**args, delta_softplus=True, return_last_state=True,
-                                                               version=version))
+
+        def scan(version, chunk_size=None):
+            return kc.selective_scan_fn(**args, delta_softplus=True, return_last_state=True, version=version,
+                                        chunk_size=chunk_size)
+
+        def timed(name, version, chunk_size=None):
+            seconds = queued_time(lambda: scan(version, chunk_size))
             bw = nbytes / seconds
-            results[f"scan_{b}x{l}_{version}"] = (bw, seconds)
-            say(f"scan b={b:2d} l={l:5d} {version:7s}: {seconds * 1e6:9.1f} us, {bw / 1e9:7.0f} GB/s = "
+            say(f"scan b={b:2d} l={l:5d} {name:28s}: {seconds * 1e6:9.1f} us, {bw / 1e9:6.0f} GB/s = "
                 f"{bw / CARD_BANDWIDTH:5.1%} of 4.8 TB/s ({bw / copy_bw:5.1%} of measured copy)")
-        auto = "v1" if (b * d >= kc.V1_MIN_ROWS or l <= 4 * kc.MIN_CHUNK) else "chunked"
-        say(f"  (automatic choice at this shape: {auto})")
-        args = None
+            return bw, seconds
+
+        reference = scan("v1")  # the plain sequential loop: what the others must reproduce at full size
+
+        def agrees(name, got):
+            scale = float(cupy.abs(reference[0]).max())
+            err = max(float(cupy.abs(got[0] - reference[0]).max()) / scale,
+                      float(cupy.abs(got[1] - reference[1]).max()) / float(cupy.abs(reference[1]).max()))
+            # float32 over l steps in another summation order: ~1e-6..1e-5 relative; a wrong index gives ~1
+            ok = err <= 1e-3
+            if not ok:
+                results.setdefault("scan_mismatch", []).append(f"{b}x{l} {name}: {err:.1e}")
+            return f"{err:.1e}{'' if ok else ' MISMATCH'}"
+
+        for version in versions:
+            label = version + (f" {tuple(kc.V3_LAYOUT)}" if version == "v3" else "")
+            results[f"scan_{b}x{l}_{version}"] = timed(label, version)
+            if version != "v1":
+                say(f"  {version} vs v1 (out, last state): max rel diff {agrees(version, scan(version))}")
+        auto = "v1" if (b * d >= kc.V1_MIN_ROWS or l <= 4 * kc.MIN_CHUNK) else kc.SCAN_LONG
+        say(f"  (automatic choice at this shape: {auto}; SCAN_LONG = {kc.SCAN_LONG!r})")
+        if l >= 8192:  # v3 layouts and chunk sizes side by side, to pick V3_LAYOUT and V3_TARGET_THREADS
+            best = None
+            saved = kc.V3_LAYOUT
+            try:
+                for layout in kc.V3_CANDIDATES:
+                    kc.V3_LAYOUT = layout
+                    for chunk in ((None, 64, 128, 256, 512, 1024) if b == 1 else (None, 512, 2048, 8192)):
+                        name = f"v3 {tuple(layout)} chunk {chunk or 'auto'}"
+                        bw, seconds = timed(name, "v3", chunk)
+                        check = agrees(name, scan("v3", chunk))
+                        say(f"  {'':26s} vs v1: max rel diff {check}")
+                        if best is None or bw > best[0]:
+                            best = (bw, seconds, tuple(layout), chunk)
+            finally:
+                kc.V3_LAYOUT = saved
+            results[f"scan_{b}x{l}_v3best"] = best
+            say(f"  best v3 at this shape: layout {best[2]}, chunk {best[3] or 'auto'}: {best[0] / 1e9:.0f} GB/s")
+        args = reference = None
 
 
 def launch_overhead(models, results):
@@ -461,7 +518,16 @@ def table(results):
         value = results.get(key)
         if value is None:
             return "-"
-        bw, seconds = value
+        return scan_text(*value)
+
+    def best_v3(key):
+        value = results.get(key)
+        if value is None:
+            return "-"
+        bw, seconds, layout, chunk = value
+        return f"{scan_text(bw, seconds)} {layout} chunk {chunk or 'auto'}"
+
+    def scan_text(bw, seconds):
         return f"{bw / 1e9:,.0f} GB/s = {bw / CARD_BANDWIDTH:.0%} ({seconds * 1e6:,.0f} us)"
 
     def ahead(ours, theirs):
@@ -474,10 +540,12 @@ def table(results):
         # for the different summation orders); 1e-3 relative when transformers did not run.
         limit = 1.25 * torch_err if torch_err is not None else 1e-3
         results["logits_check"] = f"{'PASS' if ours <= limit else 'FAIL'} ({ours:.1e} vs limit {limit:.1e})"
-    best_b1 = max(results.get("decode_b1_eager") or 0, results.get("decode_b1_graph") or 0) or None
-    best_b64 = max(results.get("decode_b64_eager") or 0, results.get("decode_b64_graph") or 0) or None
+    best_b1 = max(results.get(k) or 0 for k in ("decode_b1_eager", "decode_b1_graph", "decode_b1_v2_graph")) or None
+    best_b64 = max(results.get(k) or 0 for k in ("decode_b64_eager", "decode_b64_graph", "decode_b64_v2_graph")) or None
     results["decode_b1_best"], results["decode_b64_best"] = best_b1, best_b64
-    scan_8k = results.get("scan_1x8192_chunked")
+    scans_8k = [(results[k][0], k.split("_")[-1]) for k in ("scan_1x8192_chunked", "scan_1x8192_v3",
+                                                            "scan_1x8192_v3best") if results.get(k)]
+    scan_8k = max(scans_8k) if scans_8k else None
     rows = [
         ("prefill 512 tokens (b=1)", fmt("prefill_512"), fmt("torch_prefill_512"), "ahead of torch",
          ahead("prefill_512", "torch_prefill_512")),
@@ -487,10 +555,18 @@ def table(results):
         ("decode b=1, CUDA graph*", fmt("decode_b1_graph"), "", ">= 300 tok/s", ahead("decode_b1_graph", "torch_decode_b1")),
         ("decode b=64, eager", fmt("decode_b64_eager"), fmt("torch_decode_b64"), "", ahead("decode_b64_eager", "torch_decode_b64")),
         ("decode b=64, CUDA graph*", fmt("decode_b64_graph"), "", ">= 10,000 tok/s", ahead("decode_b64_graph", "torch_decode_b64")),
+        ("decode b=64, CUDA graph, linear v2*", fmt("decode_b64_v2_graph"), "", ">= 10,000 tok/s",
+         ahead("decode_b64_v2_graph", "torch_decode_b64")),
+        ("decode b=1, CUDA graph, linear v2*", fmt("decode_b1_v2_graph"), "", ">= 300 tok/s",
+         ahead("decode_b1_v2_graph", "torch_decode_b1")),
         ("scan 1x1536x8192 chunked", scan("scan_1x8192_chunked"), "", ">= 50% of 4.8 TB/s", ""),
+        ("scan 1x1536x8192 v3", scan("scan_1x8192_v3"), "", ">= 50% of 4.8 TB/s", ""),
+        ("scan 1x1536x8192 v3, best layout", best_v3("scan_1x8192_v3best"), "", "", ""),
         ("scan 1x1536x8192 v1", scan("scan_1x8192_v1"), "", "", ""),
         ("scan 16x1536x8192 v1", scan("scan_16x8192_v1"), "", "", ""),
         ("scan 16x1536x8192 chunked", scan("scan_16x8192_chunked"), "", "", ""),
+        ("scan 16x1536x8192 v3", scan("scan_16x8192_v3"), "", "", ""),
+        ("scan 16x1536x8192 v3, best layout", best_v3("scan_16x8192_v3best"), "", "", ""),
         ("logits rel err vs f64 CPU (no cache)", _e(results.get("err_cuda_nocache")), _e(results.get("err_torch")),
          "<= transformers'", ""),
         ("  same, prefill + 4 decode steps", _e(results.get("err_cuda")), "", "", ""),
@@ -515,15 +591,57 @@ def table(results):
         verdicts.append(f"decode b=64 {'MET' if best_b64 >= 10000 else 'MISSED'} ({best_b64:,.0f} tok/s)")
     if scan_8k is not None:
         verdicts.append(f"scan 8192 {'MET' if scan_8k[0] >= 0.5 * CARD_BANDWIDTH else 'MISSED'} "
-                        f"({scan_8k[0] / CARD_BANDWIDTH:.0%})")
-    lines.append("targets: " + "; ".join(verdicts))
-    for batch in (1, 64):
-        if results.get(f"decode_b{batch}_graph_error"):
-            lines.append(f"CUDA graph, batch {batch}: {results[f'decode_b{batch}_graph_error'][:160]}")
+                        f"({scan_8k[0] / CARD_BANDWIDTH:.0%}, {scan_8k[1]})")
+    lines.append("targets (best measured, default or not): " + "; ".join(verdicts))
+    lines += choices(results)
+    lines.append(f"graph vs eager max diff with linear v2: b1 {_e(results.get('graph_diff_b1_v2'))}, "
+                 f"b64 {_e(results.get('graph_diff_b64_v2'))}")
+    for key in ("b1", "b64", "b1_v2", "b64_v2"):
+        if results.get(f"decode_{key}_graph_error"):
+            lines.append(f"CUDA graph, {key}: {results[f'decode_{key}_graph_error'][:160]}")
+    if results.get("scan_mismatch"):
+        lines.append(f"SCAN MISMATCH against v1 (> 1e-3 relative): {'; '.join(results['scan_mismatch'])}")
     if results.get("errors"):
         lines.append(f"sections with errors: {', '.join(results['errors'])}")
     lines.append(f"total time {elapsed():.0f}s")
     return "\n".join(lines)
+
+
+def choices(results):
+    """The kernel choices of kernels.cuda this run can settle: the measured winner of each, side by side."""
+    from minimamba.kernels import cuda as kc
+
+    lines = [f"choices (kernels/cuda.py; now SCAN_LONG = {kc.SCAN_LONG!r}, V3_LAYOUT = {tuple(kc.V3_LAYOUT)}, "
+             f"LINEAR = {kc.LINEAR!r}):"]
+    wins = []
+    for shape in ("1x8192", "16x8192"):
+        old, new, best = (results.get(f"scan_{shape}_{v}") for v in ("chunked", "v3", "v3best"))
+        if old and new:
+            winner = "v3" if new[0] > old[0] else "chunked"
+            wins.append(winner)
+            text = (f"  scan {shape}: chunked {old[0] / 1e9:,.0f} GB/s vs v3 {new[0] / 1e9:,.0f} GB/s -> {winner} "
+                    f"({max(old[0], new[0]) / min(old[0], new[0]):.2f}x)")
+            if best:
+                text += f"; best v3 {best[0] / 1e9:,.0f} GB/s with V3_LAYOUT {best[2]}, chunk {best[3] or 'auto'}"
+            lines.append(text)
+    if len(wins) == 2:
+        verdict = {("v3", "v3"): "set SCAN_LONG = 'v3'", ("chunked", "chunked"): "keep SCAN_LONG = 'chunked'"}
+        lines.append(f"  => {verdict.get(tuple(wins), 'mixed: pick per batch size (rows b * d)')}")
+    for batch in (64, 1):
+        old, new = results.get(f"decode_b{batch}_graph"), results.get(f"decode_b{batch}_v2_graph")
+        if old and new:
+            winner = "v2" if new > old else "v1"
+            lines.append(f"  decode b={batch} CUDA graph: linear v1 {old:,.0f} tok/s vs v2 {new:,.0f} tok/s "
+                         f"-> {winner} ({max(old, new) / min(old, new):.2f}x)")
+    b64 = results.get("decode_b64_graph"), results.get("decode_b64_v2_graph")
+    b1 = results.get("decode_b1_graph"), results.get("decode_b1_v2_graph")
+    if all(b64):
+        if b64[1] > b64[0]:
+            one = " and LINEAR_V2_MIN_ROWS = 1" if all(b1) and b1[1] > b1[0] else ""
+            lines.append(f"  => set LINEAR = 'v2'{one}")
+        else:
+            lines.append("  => keep LINEAR = 'v1'")
+    return lines
 
 
 def _e(value):
@@ -537,7 +655,7 @@ def main(argv=None):
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smaller benchmarks (a smoke run)")
     parser.add_argument("--only", default="", help="comma-separated subset of: tests,accuracy,overhead,prefill,"
-                                                   "decode1,decode64,scan,transformers")
+                                                   "decode1,decode64,linear,scan,transformers")
     args = parser.parse_args(argv)
     only = set(filter(None, args.only.split(",")))
 
@@ -571,6 +689,12 @@ def main(argv=None):
         if wanted("decode64"):
             run("minimamba decode, batch 64", lambda: decode_bench(models, results, 64, 8 if args.quick else 24,
                                                                       32 if args.quick else 100), budget)
+        if wanted("decode64") or wanted("linear"):
+            run("minimamba decode, batch 64, CUDA graph with linear v2 (not the default until measured)",
+                lambda: decode_bench(models, results, 64, 0, 32 if args.quick else 100, linear="v2"), budget)
+        if wanted("decode1") or wanted("linear"):
+            run("minimamba decode, batch 1, CUDA graph with linear v2 for one row too",
+                lambda: decode_bench(models, results, 1, 0, 64 if args.quick else 300, linear="v2"), budget)
         if wanted("scan"):
             run("scan kernel bandwidth", lambda: scan_bench(results), budget)
         if not args.skip_transformers and wanted("transformers"):
@@ -585,7 +709,9 @@ def main(argv=None):
         Path(out, "gpu_check.txt").write_text(text + "\n")
         Path(out, "gpu_check_log.txt").write_text(_log.getvalue())
         say(f"wrote {out}/gpu_check.txt and gpu_check_log.txt")
-    return 1 if results.get("errors") or str(results.get("logits_check", "")).startswith("FAIL") else 0
+    failed = (results.get("errors") or results.get("scan_mismatch")
+              or str(results.get("logits_check", "")).startswith("FAIL"))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

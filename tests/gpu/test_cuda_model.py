@@ -44,11 +44,13 @@ def reset(cupy):
         cupy.transfers.reset()
 
 
-@pytest.mark.parametrize("scan_version", ["v1", "chunked"])
+@pytest.mark.parametrize("scan_version", ["v1", "chunked", "v3"])
 def test_model_on_cuda_kernels(cupy_backend, kc, monkeypatch, tiny_config, rng, scan_version):
-    if scan_version == "chunked":  # make the automatic choice take the chunked scan at these lengths
+    if scan_version != "v1":  # make the automatic choice take the long-prompt scan at these lengths
         monkeypatch.setattr(kc, "V1_MIN_ROWS", 1 << 40)
         monkeypatch.setattr(kc, "MIN_CHUNK", 2)
+        monkeypatch.setattr(kc, "SCAN_LONG", scan_version)
+        monkeypatch.setattr(kc, "V3_MIN_CHUNK", 4)  # v3: several chunks even at these lengths
     reference = MambaForCausalLM(tiny_config, seed=0, dtype="float64", impl="reference")
     model = MambaForCausalLM(tiny_config, seed=0).to("cupy", impl="cuda")
     assert model.kernels.name == "cuda"
@@ -84,11 +86,16 @@ def test_left_padding_on_cuda_kernels(cupy_backend, kc, tiny_config, rng):
     assert_close("left-padded row vs alone", batch[1, 3:], alone[0], TOL)
 
 
-def test_decode_logits_without_cublas_equals_the_model(cupy_backend, kc, monkeypatch, tiny_config, rng):
+@pytest.mark.parametrize("linear_version", ["v1", "v2"])
+def test_decode_logits_without_cublas_equals_the_model(cupy_backend, kc, monkeypatch, tiny_config, rng,
+                                                       linear_version):
     """kernels.cuda_graph.decode_logits (the capturable decode step) against the model's own decode."""
     from minimamba.kernels.cuda_graph import decode_logits
 
     monkeypatch.setattr(kc, "THREADS", 8)  # linear runs one block per output: small blocks, fast simulator
+    monkeypatch.setattr(kc, "LINEAR", linear_version)
+    monkeypatch.setattr(kc, "LINEAR_V2_LAYOUT", kc.LinearLayout(row_threads=2, col_threads=4, cols_per_thread=2,
+                                                               k_tile=8))  # 8 threads: a fast simulator
     model = MambaForCausalLM(tiny_config, seed=0).to("cupy", impl="cuda")
     ids = rng.integers(0, tiny_config.vocab_size, (3, 6))
     caches = [MambaCache(tiny_config, 3, backend=model.backend) for _ in range(2)]
