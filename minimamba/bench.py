@@ -394,7 +394,7 @@ def _run(args, model, runners, size, rss0):
     if mm[2]:
         print(f"\nmemory     prefill peak RSS {mm[2] / 1e9:.2f} GB = weights {weight_bytes / 1e9:.2f} GB "
               f"+ {(mm[2] - weight_bytes) / 1e9:.2f} GB (process RSS before loading {rss0 / 1e9:.2f} GB: "
-              f"Python, NumPy, Numba); transformers' figure is its own process's")
+              f"Python, NumPy, Numba){'; transformers: its own process' if len(runners) > 1 else ''}")
     if len(runners) > 1:
         hf = best["transformers"]
         diff = np.abs(logits["minimamba"] - logits["transformers"]).max()
