@@ -132,9 +132,12 @@ class MambaBlock:
 
     def __init__(self, config: MambaConfig, layer_idx: int, kernels):
         self.config = config
-        self.kernels = kernels  # rms_norm, and the mixer's kernels
         self.norm_weight = None  # (d,)
         self.mixer = MambaMixer(config, layer_idx, kernels)
+
+    @property
+    def kernels(self):  # rms_norm & co: the mixer's, so one assignment moves both
+        return self.mixer.kernels
 
     def __call__(self, hidden_states, cache_params=None, attention_mask=None):
         # NOTE: the residual stream is float32 or float64 here, so residual_in_fp32 always holds.
@@ -236,7 +239,7 @@ class MambaModel(_Pretrained):
 
     def _set_kernels(self, kernels):
         for layer in self.layers:
-            layer.kernels = layer.mixer.kernels = kernels
+            layer.mixer.kernels = kernels
 
     def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache_params=None,
                  use_cache=False, output_hidden_states=False):
