@@ -357,8 +357,6 @@ def _sizes(model):
 
 def _run(args, model, runners, size, rss0):
     cfg = model.config
-    weight_bytes, body_params, head_params, decode_bytes = (size.weight_bytes, size.body_params, size.head_params,
-                                                            size.decode_bytes)
     rng = np.random.default_rng(args.seed)
     ids = rng.integers(0, cfg.vocab_size, size=(args.batch, args.prompt_len), dtype=np.int64)
 
@@ -392,8 +390,8 @@ def _run(args, model, runners, size, rss0):
 
     mm = best["minimamba"]
     if mm[2]:
-        print(f"\nmemory     prefill peak RSS {mm[2] / 1e9:.2f} GB = weights {weight_bytes / 1e9:.2f} GB "
-              f"+ {(mm[2] - weight_bytes) / 1e9:.2f} GB (process RSS before loading {rss0 / 1e9:.2f} GB: "
+        print(f"\nmemory     prefill peak RSS {mm[2] / 1e9:.2f} GB = weights {size.weight_bytes / 1e9:.2f} GB "
+              f"+ {(mm[2] - size.weight_bytes) / 1e9:.2f} GB (process RSS before loading {rss0 / 1e9:.2f} GB: "
               f"Python, NumPy, Numba){'; transformers: its own process' if len(runners) > 1 else ''}")
     if len(runners) > 1:
         hf = best["transformers"]
@@ -404,13 +402,13 @@ def _run(args, model, runners, size, rss0):
         print(f" (time ratio, >1 = minimamba faster); last prefill logits max |diff| {diff:.2e}")
     if roof:
         bandwidth, flops = roof
-        prefill_flop = 2 * (body_params * n_tok_prefill + head_params * args.batch)
+        prefill_flop = 2 * (size.body_params * n_tok_prefill + size.head_params * args.batch)
         print(f"roofline   prefill {prefill_flop / flops / mm[0]:.0%} of matmul peak "
-              f"(2 x {body_params / 1e6:.1f} M params x {n_tok_prefill} tokens + head)")
+              f"(2 x {size.body_params / 1e6:.1f} M params x {n_tok_prefill} tokens + head)")
         if args.new_tokens:
-            bound = decode_bytes / bandwidth  # seconds per step if only the weights had to be read
+            bound = size.decode_bytes / bandwidth  # seconds per step if only the weights had to be read
             print(f"roofline   decode  {bound / (mm[1] / args.new_tokens):.0%} of bandwidth limit "
-                  f"({decode_bytes / 1e6:.0f} MB of weights per step / {bandwidth / 1e9:.1f} GB/s "
+                  f"({size.decode_bytes / 1e6:.0f} MB of weights per step / {bandwidth / 1e9:.1f} GB/s "
                   f"= {1e3 * bound:.2f} ms per step, batch {args.batch})")
     return 0
 
