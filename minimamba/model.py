@@ -27,7 +27,7 @@ from .backend import get_backend, resolve_dtype
 from .cache import MambaCache
 from .config import MambaConfig
 from .impl import resolve_impl
-from .ops import array_module
+from .ops import array_module, linear
 from .weights import expected_shapes, load_state_dict, resolve_model_dir
 
 
@@ -80,9 +80,7 @@ class MambaMixer:
         l = hidden_states.shape[1]
 
         # 1. Input projection, split into the SSM branch x and the gate z (x first).
-        xz = hidden_states @ self.in_proj_weight.T  # (b, l, 2e)
-        if self.in_proj_bias is not None:
-            xz = xz + self.in_proj_bias
+        xz = linear(hidden_states, self.in_proj_weight, self.in_proj_bias)  # (b, l, 2e)
         x = xz[..., :e].transpose(0, 2, 1)  # (b, e, l): the kernels' layout
         z = xz[..., e:].transpose(0, 2, 1)  # (b, e, l)
 
@@ -100,9 +98,9 @@ class MambaMixer:
             x = x * attention_mask[:, None, :]
 
         # 3. The selection mechanism (Algorithm 2): Delta, B, C are functions of the input.
-        x_dbl = x.transpose(0, 2, 1) @ self.x_proj_weight.T  # (b, l, r + 2n)
+        x_dbl = linear(x.transpose(0, 2, 1), self.x_proj_weight)  # (b, l, r + 2n)
         dt, B, C = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]  # (b, l, r), (b, l, n), (b, l, n)
-        dt = dt @ self.dt_proj_weight.T  # (b, l, e); its bias is added inside the softplus
+        dt = linear(dt, self.dt_proj_weight)  # (b, l, e); its bias is added inside the softplus
         A = self.A  # (e, n) = -exp(A_log)
 
         # 4. Selective scan: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t;  y_t = C_t . h_t + D x_t;  y * silu(z)
@@ -121,10 +119,7 @@ class MambaMixer:
                 cache_params.update_ssm_state(self.layer_idx, last_state)
 
         # 5. Output projection back to the residual width.
-        out = y.transpose(0, 2, 1) @ self.out_proj_weight.T  # (b, l, d)
-        if self.out_proj_bias is not None:
-            out = out + self.out_proj_bias
-        return out
+        return linear(y.transpose(0, 2, 1), self.out_proj_weight, self.out_proj_bias)  # (b, l, d)
 
 
 class MambaBlock:
@@ -326,7 +321,7 @@ class MambaForCausalLM(_Pretrained):
         hidden_states = outputs.last_hidden_state  # (b, l, d)
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = hidden_states @ self.head_weight.T  # (b, l, V)
+        logits = linear(hidden_states, self.head_weight)  # (b, l, V)
         loss = None
         if labels is not None:
             if logits_to_keep:

@@ -89,6 +89,17 @@ def rms_norm(x, weight, eps=1e-5):
     return x / xp.sqrt(variance + ct.type(eps)) * weight.astype(ct, copy=False)
 
 
+def linear(x, weight, bias=None):
+    """y = x W^T + b, as torch.nn.functional.linear: x (..., in), weight (out, in) -> (..., out).
+
+    `weight` is an array, or an object that multiplies by itself through `weight.linear(x)`
+    (a packed quantized matrix, a weight with an unmerged adapter): the model calls this one
+    function for every projection, so such weights need no second copy of the forward.
+    """
+    y = weight.linear(x) if hasattr(weight, "linear") else x @ weight.T
+    return y if bias is None else y + bias
+
+
 def _activation(out, activation):
     if activation is None:
         return out
