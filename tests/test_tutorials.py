@@ -22,7 +22,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # what a tutorial may import: the public API, NumPy, matplotlib and the standard library
 ALLOWED_IMPORTS = {"minimamba", "minimamba.ops", "numpy", "matplotlib", "matplotlib.pyplot",
                    "os", "sys", "time", "math", "pathlib", "json", "struct", "tempfile",
-                   "numba", "minimamba.kernels.cuda"}  # tutorial 6: the CUDA kernel under the simulator
+                   "numba", "minimamba.kernels.cuda",  # tutorial 6: the CUDA kernel under the simulator
+                   "_common"}  # tutorials/_common.py: check(), save() and the figure folder, shared by all
 BUILTIN_WEIGHTS = TUTORIALS_DIR.parent / "minimamba" / "builtin" / "model.safetensors"
 
 

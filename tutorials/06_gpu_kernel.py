@@ -28,15 +28,9 @@
 # %%
 import math
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")  # before numba is imported
 
-import matplotlib
-
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from numba import cuda
@@ -44,23 +38,10 @@ from numba import cuda
 import minimamba.kernels.cuda as mm_cuda
 from minimamba import MambaConfig, MambaForCausalLM
 from minimamba.ops import selective_scan_ref
+from _common import EPS32, FIGURES, check  # tutorials/_common.py: the figure folder, check(), save()
 
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-FIGURES = Path(os.environ.get("MINIMAMBA_FIGURES_DIR", HERE / "figures"))
-FIGURES.mkdir(parents=True, exist_ok=True)
-EPS32 = np.finfo(np.float32).eps  # 1.2e-07
 rng = np.random.default_rng(0)
 print("CUDA simulator:", os.environ.get("NUMBA_ENABLE_CUDASIM") == "1")
-
-
-def check(name, got, want, rtol):
-    """Print the max abs / rel error of `got` against `want`; fail if rel > rtol (relative to max |want|)."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    err = float(np.max(np.abs(got - want)))
-    rel = err / max(float(np.max(np.abs(want))), 1e-300)
-    print(f"{name:<48} max abs err {err:.1e}   rel {rel:.1e}   (tol {rtol:.0e})")
-    assert rel <= rtol, f"{name}: relative error {rel:.2e} > {rtol:.0e}"
 
 
 # %% [markdown]
