@@ -225,12 +225,13 @@ print("smallest dt swing: " + ", ".join(f"{tokens[t]!r} ({roles[t]}, {swing[t]:.
 #
 # Left, the heatmap: `dt` for every token (rows, labelled; a space is drawn as `·`,
 # newlines in blue, speaker names in red) and channel (columns: every 4th channel,
-# sorted by its mean `dt` over the passage), on a log colour scale. Middle, the same with each channel's mean `log dt` removed: the part
-# that depends on the token. Right, per token, the dt swing, the relative `dt` and the
-# norms of `B` and `C`.
+# sorted by its mean `dt` over the passage), on a log colour scale. Middle, the same
+# with each channel's mean `log dt` removed: the part that depends on the token. Right,
+# per token, the dt swing, the relative `dt` and the norms of `B` and `C` (the legend
+# sits below the panel, off the lines).
 
 # %%
-channel_order = np.argsort(log_dt.mean(axis=0))[::4]  # every 4th channel in order of mean dt (e/4 columns)
+channel_order = np.argsort(log_dt.mean(axis=0))[::4]  # every 4th channel, in order of mean dt
 row_labels = [repr(tok)[1:-1].replace(" ", "\u00b7") for tok in tokens]  # a space drawn as a middle dot
 colors = {"newline": "tab:blue", "speaker name": "tab:red", "punctuation": "tab:gray", "word": "black"}
 fig, axes = plt.subplots(1, 3, figsize=(15, 0.17 * l + 2.5), gridspec_kw=dict(width_ratios=[3, 3, 2]))

@@ -333,11 +333,12 @@ ax.legend(fontsize=8, loc="center right")
 save(fig, "06_error_per_layer.png")
 
 # %% [markdown]
-# ![per-layer error of a correct and two buggy float32 scans against the float64 truth](figures/06_error_per_layer.png)
+# ![per-layer error of a correct and two buggy float32 scans](figures/06_error_per_layer.png)
 #
 # A correct float32 kernel sits near eps32 (the float64 truth rounded to float32 could
-# not do better) and grows slowly with depth. A discretisation bug is visible at the first layer, orders of magnitude above,
-# and stays there: every layer runs the wrong model. (A bug that shows in one layer
+# not do better) and grows slowly with depth. A discretisation bug is visible at the
+# first layer, orders of magnitude above, and stays there: every layer runs the wrong
+# model. (A bug that shows in one layer
 # only — an indexing error that needs a large `d` or `l` to bite — shows up as a jump at
 # that layer, which points straight at where to look.)
 #

@@ -18,9 +18,9 @@
 # associative operator and scanned it with a tree. Tutorial 6 wrote the simplest GPU
 # kernel, one thread per (batch, channel) walking all `l` steps. Neither is what runs
 # on a GPU for a long prompt: a tree does twice the work and needs all `l` states in
-# memory at once, and one thread per channel gives a 1536-channel model 1536 threads,
-# where an H200 keeps over 100,000 busy. The library's CUDA scan cuts the sequence into
-# **chunks** and runs three passes:
+# memory at once, and one thread per channel gives a 1536-channel model 1536 threads
+# per sequence, where an H200 keeps over 100,000 busy. The library's CUDA scan cuts
+# the sequence into **chunks** and runs three passes:
 #
 # 1. `chunk_state`: every chunk, in parallel, scans its own steps from a zero state;
 # 2. `chunk_carry`: one short sequential walk over the chunks carries the true state
@@ -357,9 +357,9 @@ check("our chunked vs ops.selective_scan_fn", y_ours, selective_scan_fn(us, delt
 # | 3 `chunk_output` | `h = h_in`, then T times `h = step(h, t)` and `y = C . h` | `h[i] = chunk_h[bi, j, i, c]`, then `run_steps`: `y += h[i] * C[bi, gc, i, t]` | b x nc x d |
 # | | `+ D * u`; the last chunk's `carry` is the final state | `y += skip * x`; `if j == nchunks - 1:` store `last_state` | |
 #
-# Differences that matter on a GPU, not in NumPy: the kernel fuses softplus, the
-# `delta_bias` and the `silu(z)` gate into passes 1 and 3 (we passed a softplus'ed
-# `delta` and no gate); pass 2 runs one thread per *state*, since the `n` states of a
+# Differences that matter on a GPU, not in NumPy: the kernel fuses the softplus of
+# `delta + delta_bias` into passes 1 and 3 and the `silu(z)` gate into pass 3 (we passed
+# a softplus'ed `delta` and no gate); pass 2 runs one thread per *state*, since the `n` states of a
 # channel are independent there (no `C . h` sum); and pass 1 keeps only `chunk_h` and
 # `chunk_dt` — (b, nc, n, d) and (b, nc, d) — never the (b, l, d, n) states. Pass 3
 # recomputes `exp(dt A)` that pass 1 already computed: the price of filling the GPU,
@@ -368,7 +368,8 @@ check("our chunked vs ops.selective_scan_fn", y_ours, selective_scan_fn(us, delt
 # %%
 kernel_source = Path(mm_cuda.__file__).read_text(encoding="utf-8")
 quoted = ["h[i] = math.exp(dt * a[i]) * h[i] + dtx * B[bi, gb, i, t]", "chunk_h[bi, j, i, c] = h[i]",
-          "total_dt += dt", "chunk_dt[bi, j, c] = total_dt", "chunk_h[bi, j, i, c] = h  # now: the state entering chunk j",
+          "total_dt += dt", "chunk_dt[bi, j, c] = total_dt",
+          "chunk_h[bi, j, i, c] = h  # now: the state entering chunk j",
           "h = math.exp(a * chunk_dt[bi, j, c]) * h + end", "h[i] = chunk_h[bi, j, i, c]",
           "y += h[i] * C[bi, gc, i, t]", "y += skip * x", "if j == nchunks - 1:",
           "def chunk_state(", "def chunk_carry(", "def chunk_output("]
