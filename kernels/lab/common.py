@@ -7,6 +7,7 @@ NumPy and a "time" is one call's wall clock, which only shows the script runs.
 
 from __future__ import annotations
 
+import argparse
 import io
 import time
 
@@ -73,15 +74,15 @@ def sync():
         cupy.cuda.Device().synchronize()
 
 
-def wall(fn, reps, warmup=1):
-    """Seconds per call, wall clock, the GPU synchronised before and after."""
+def wall(fn, reps, warmup=1, synchronize=sync):
+    """Seconds per call, wall clock, the GPU synchronised (by `synchronize`) before and after."""
     for _ in range(warmup):
         fn()
-    sync()
+    synchronize()
     start = time.perf_counter()
     for _ in range(reps):
         fn()
-    sync()
+    synchronize()
     return (time.perf_counter() - start) / reps
 
 
@@ -144,7 +145,28 @@ def device_name():
     return name.decode() if isinstance(name, bytes) else name
 
 
-def print_versions(op, versions):
-    say(f"{op}: versions")
-    for number, name, idea, _ in versions:
-        say(f"  {number} {name:8s} {idea}")
+def parser(module, doc):
+    """The arguments every lab script takes: --versions and --check-only."""
+    result = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    result.add_argument("--versions", default="", help="comma-separated numbers or names (all when empty)")
+    result.add_argument("--check-only", action="store_true", help="check every version, time none")
+    return result
+
+
+def select(versions, spec):
+    """The versions named in spec (numbers or names, comma-separated; all when empty), each said with its idea."""
+    wanted = set(filter(None, spec.split(",")))
+    chosen = [v for v in versions if not wanted or str(v[0]) in wanted or v[1] in wanted]
+    for number, name, idea, _ in chosen:
+        say(f"version {number} {name:8s} {idea}")
+    return chosen
+
+
+def failures(errors):
+    """The names whose check failed (an infinite error) in a check's {name: max rel error}."""
+    return [name for name, err in errors.items() if not err < float("inf")]
+
+
+def verdict(failed):
+    say("FAILED: " + ", ".join(failed) if failed else "all versions agree with the reference")
+    return 1 if failed else 0

@@ -18,7 +18,6 @@ The whole decode step with each version (CUDA graph, batch 1 and 64) is timed by
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import sys
@@ -31,6 +30,7 @@ from numba import cuda
 from minimamba import ops
 from minimamba.kernels import cuda as kc
 from minimamba.kernels.cuda import _arg, _jit, _stream
+from minimamba.kernels.lab import common
 from minimamba.kernels.lab.common import SIMULATOR, compare, kernel_time, say, to_device, to_host
 from minimamba.ops import array_module
 
@@ -226,26 +226,18 @@ def small_blocks(active=True):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minimamba.kernels.lab.linear",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--versions", default="", help="comma-separated numbers or names (all when empty)")
+    parser = common.parser("minimamba.kernels.lab.linear", __doc__)
     parser.add_argument("--batches", default="1,64", help="batch sizes to time (GPU)")
-    parser.add_argument("--check-only", action="store_true")
     args = parser.parse_args(argv)
-    wanted = set(filter(None, args.versions.split(",")))
-    versions = [v for v in VERSIONS if not wanted or str(v[0]) in wanted or v[1] in wanted]
-    for number, name, idea, _ in versions:
-        say(f"version {number} {name:3s} {idea}")
+    versions = common.select(VERSIONS, args.versions)
     with small_blocks(SIMULATOR):
-        errors = check(versions, cases=CHECK_CASES[:3] if SIMULATOR else CHECK_CASES)
-        failed = [name for name, err in errors.items() if not err < float("inf")]
+        failed = common.failures(check(versions, cases=CHECK_CASES[:3] if SIMULATOR else CHECK_CASES))
         if not args.check_only:
             if SIMULATOR:  # time at a tiny shape: shows the timer runs, says nothing of speed
                 bench((2,), versions, shapes=[("tiny", 16, 8)])
             else:
                 bench(tuple(int(b) for b in args.batches.split(",")), versions)
-    say("FAILED: " + ", ".join(failed) if failed else "all versions agree with the reference")
-    return 1 if failed else 0
+    return common.verdict(failed)
 
 
 if __name__ == "__main__":

@@ -42,14 +42,7 @@ def torch_wall(fn, reps, warmup=1):
     import torch
 
     with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        torch_sync()
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch_sync()
-    return (time.perf_counter() - start) / reps
+        return wall(fn, reps, warmup, synchronize=torch_sync)
 
 
 # ---------------------------------------------------------------- sections

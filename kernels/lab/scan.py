@@ -18,7 +18,6 @@ move (u, delta, z, out; B, C; the states), beside the card's measured copy bandw
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import sys
@@ -31,6 +30,7 @@ from numba import cuda
 from minimamba import ops
 from minimamba.kernels import cuda as kc
 from minimamba.kernels.cuda import _arg, _constants, _device, _dummy, _jit, _launch, _stream
+from minimamba.kernels.lab import common
 from minimamba.kernels.lab.common import SIMULATOR, compare, copy_bandwidth, kernel_time, say, to_device, to_host, xp
 
 
@@ -424,23 +424,18 @@ def agreement(got, reference):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minimamba.kernels.lab.scan", description=__doc__.split("\n")[0])
-    parser.add_argument("--versions", default="", help="comma-separated numbers or names (all when empty)")
+    parser = common.parser("minimamba.kernels.lab.scan", __doc__)
     parser.add_argument("--b", type=int, help="batch rows to time (GPU default: 1 and 16)")
     parser.add_argument("--l", type=int, help="length to time (GPU default: 8192)")
     parser.add_argument("--d", type=int, default=1536)
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--sweep", action="store_true", help="also time v3's V3_CANDIDATES layouts x chunk sizes")
-    parser.add_argument("--check-only", action="store_true")
     args = parser.parse_args(argv)
-    wanted = set(filter(None, args.versions.split(",")))
-    versions = [v for v in VERSIONS if not wanted or str(v[0]) in wanted or v[1] in wanted]
-    for number, name, idea, _ in versions:
-        say(f"version {number} {name:8s} {idea}")
-    errors = check(versions, layout=V3Layout(lanes=4, split=2, channels=2, steps=4) if SIMULATOR else None)
-    failed = [name for name, err in errors.items() if not err < float("inf")]
+    versions = common.select(VERSIONS, args.versions)
+    failed = common.failures(check(versions, layout=V3Layout(lanes=4, split=2, channels=2, steps=4)
+                                   if SIMULATOR else None))  # the simulator: a small block (a Python thread each)
     if args.check_only:
-        return 1 if failed else 0
+        return common.verdict(failed)
     if SIMULATOR:  # time at a tiny shape: shows the timer runs, says nothing of speed
         shapes = [(args.b or 1, args.l or 40, min(args.d, 8), min(args.n, 4))]
     else:
@@ -449,9 +444,7 @@ def main(argv=None):
     results = {}
     for b, l, d, n in shapes:
         bench(b, l, d, n, versions, copy_bw, sweep=args.sweep and not SIMULATOR, results=results)
-    failed += results.get("scan_mismatch", [])
-    say("FAILED: " + ", ".join(failed) if failed else "all versions agree with the reference")
-    return 1 if failed else 0
+    return common.verdict(failed + results.get("scan_mismatch", []))
 
 
 if __name__ == "__main__":
