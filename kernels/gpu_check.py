@@ -220,7 +220,9 @@ def verdicts(results, ceiling):
     for batch, target in ((1, DECODE_B1_TARGET), (64, DECODE_B64_TARGET)):
         best = max((results.get(f"decode_b{batch}_{k}") or 0 for k in ("eager", "graph", "v2_graph")), default=0)
         if best:
-            out.append(f"decode b={batch} {'MET' if best >= target else 'MISSED'} ({best:,.0f} tok/s)")
+            theirs = results.get(f"torch_decode_b{batch}")
+            vs = f", {best / theirs:.1f}x transformers" if theirs else ""
+            out.append(f"decode b={batch} {'MET' if best >= target else 'MISSED'} ({best:,.0f} tok/s{vs})")
     scans = [(results[k][0], k.split("_")[-1]) for k in ("scan_1x8192_chunked", "scan_1x8192_v3",
                                                          "scan_1x8192_v3best") if results.get(k)]
     if scans:
@@ -231,6 +233,8 @@ def verdicts(results, ceiling):
         ours, theirs = results.get(f"prefill_{length}"), results.get(f"torch_prefill_{length}")
         if ours and theirs:
             out.append(f"prefill {length} {'MET' if ours > theirs else 'MISSED'} ({ours / theirs:.1f}x transformers)")
+    if results.get("logits_check"):
+        out.append(f"logits {results['logits_check']}")
     return out
 
 
