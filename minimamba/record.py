@@ -40,7 +40,8 @@ mixer's input before in_proj and minimamba zeroes x after it: the padded
 positions of `in_proj` differ (the numbers every real token sees do not).
 
 The state entries (the conv and SSM state a decode step continues from) are
-recorded when the pass uses a cache. `scan` runs the scan kernel a second time,
+recorded when the pass uses a cache (the caller's, or the scratch cache a prefill
+longer than `prefill_chunk_size` runs through). `scan` runs the scan kernel a second time,
 without the gate, so the gated output the model uses is the kernel's own fused
 result: recording never changes the model's outputs.
 """
@@ -82,7 +83,7 @@ class Recorder:
             return None
         if record is True:
             return cls(None, record_layers)
-        if isinstance(record, str) or all(isinstance(p, str) for p in record):
+        if isinstance(record, str) or (isinstance(record, (list, tuple)) and all(isinstance(p, str) for p in record)):
             return cls(record, record_layers)
         raise ValueError(f"record must be True, a name pattern or a list of patterns, got {record!r}")
 
