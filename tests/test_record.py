@@ -221,3 +221,12 @@ def test_selective_off_makes_dt_B_C_constants(tiny_model, ids):
         W = model.state_dict()[name + ".weight"]
         np.testing.assert_allclose(x_dbl, np.broadcast_to(W.sum(axis=1), x_dbl.shape), rtol=TOL, atol=TOL)
         assert np.abs(on[name] - x_dbl).max() > 1e-3
+
+
+def test_the_readme_table_is_the_module_table():
+    """The names are documented in one table, shown twice (module docstring and README): the two agree."""
+    import os
+
+    readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")).read()
+    rows = lambda text: re.findall(r"^\| (\S+ +\| \(.*)$", text, flags=re.M)  # noqa: E731
+    assert rows(readme) == rows(record_module.__doc__) and len(rows(readme)) == 17
