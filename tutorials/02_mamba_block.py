@@ -19,8 +19,10 @@
 # a short causal convolution mixes neighbouring tokens, and a gate multiplies the
 # result. We take a small model with random weights, read layer 0's weights by name
 # from `model.state_dict()`, and redo the block in plain NumPy, with the shape at the
-# end of every line, checking each piece against minimamba and the whole block against
-# `model.backbone.layers[0]`.
+# end of every line. Each line is checked against the library's own number for it:
+# `model(..., record=True).record` holds every named intermediate of the model's pass
+# (the table in the README, "Checking your own implementation"), so we never re-write
+# the block to see inside it.
 #
 # Dimension names (as in `minimamba/model.py`): `b` batch, `l` length, `d` hidden_size
 # (the residual width), `e` intermediate_size = expand * d, `n` state_size, `k`
@@ -32,7 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minimamba import MambaConfig, MambaForCausalLM
-from minimamba.ops import causal_conv1d_fn, rms_norm, selective_scan_fn
+from minimamba.ops import causal_conv1d_fn, selective_scan_fn
 from _common import EPS32, EPS64, check, save  # tutorials/_common.py: the figure folder, check(), save()
 
 rng = np.random.default_rng(0)
@@ -66,30 +68,56 @@ for name, w in W.items():
     print(f"  {prefix}{name:<22} {str(w.shape):>12}")
 
 # %% [markdown]
-# ## The block, one line at a time
+# ## The library's pass, recorded
 #
-# The input is the residual stream entering layer 0, (b, l, d). The block is pre-norm
-# and residual: `hidden + mixer(rms_norm(hidden))`.
+# A batch of random token ids goes through the model once, with `record=True`: the
+# output then carries `.record`, every named intermediate of the pass in forward order.
+# Each name is the path of the transformers module that makes it, or the mixer's path
+# and a short name. Layer 0's input, the residual stream (b, l, d), is the embedding
+# lookup: one row of the embedding matrix per token.
 
 # %%
 b, l = 2, 13
-hidden = rng.normal(size=(b, l, d))  # (b, l, d)
+input_ids = rng.integers(0, config.vocab_size, size=(b, l))  # (b, l)
+out = model(input_ids, record=True)  # .logits (b, l, V) and .record {name: array}
+record = out.record
+for name, value in record.items():
+    if not name.startswith("backbone.layers.") or name.startswith(prefix):  # layer 1 has the same names
+        print(f"  {name:<40} {str(value.shape):>12}")
 
+hidden = model.state_dict()["backbone.embeddings.weight"][input_ids]  # (b, l, d)
+check("embedding lookup vs record 'backbone.embeddings'", hidden, record["backbone.embeddings"], rtol=0.0)
+
+
+def lib(name):
+    """Layer 0's recorded intermediate `name` (a short name of the record's table)."""
+    return record[prefix + name if name else prefix[:-1]]
+
+
+# %% [markdown]
+# ## The block, one line at a time
+#
+# The block is pre-norm and residual: `hidden + mixer(rms_norm(hidden))`. Our lines run
+# in float64 like the model, with the same formulas up to the order of a few sums, so
+# each check allows a few to a hundred eps64.
+
+# %%
 # 0. RMSNorm: divide by the root-mean-square over d, scale per feature (eps from the config)
 normed = hidden / np.sqrt((hidden**2).mean(-1, keepdims=True) + config.layer_norm_epsilon)  # (b, l, d)
 normed = normed * W["norm.weight"]  # (b, l, d)
-check("rms norm vs ops.rms_norm", normed, rms_norm(hidden, W["norm.weight"], config.layer_norm_epsilon),
-      rtol=10 * EPS64)  # the same formula: a few roundings
+check("rms norm vs record 'norm'", normed, lib("norm"), rtol=10 * EPS64)  # the same formula: a few roundings
 
 # 1. in_proj: one matmul makes both branches; x comes first, the gate z second
 xz = normed @ W["mixer.in_proj.weight"].T  # (b, l, 2e)   in_proj.weight: (2e, d)
 x, z = xz[..., :e], xz[..., e:]  # (b, l, e), (b, l, e)
+check("in_proj vs record 'mixer.in_proj'", xz, lib("mixer.in_proj"), rtol=10 * EPS64)
 
 # %% [markdown]
 # **The causal convolution.** Each channel of `x` gets its own `k`-tap filter
 # (depthwise) over the last `k` tokens (causal). `conv1d.weight` has torch's shape
 # (e, 1, k) and tap `k-1` multiplies the *current* token. First as a loop over time
-# and taps, then vectorised over time (a sum of `k` shifted copies), then the library.
+# and taps, then vectorised over time (a sum of `k` shifted copies), then the library's
+# function, which takes the kernel layout (b, e, l).
 
 # %%
 w_conv = W["mixer.conv1d.weight"][:, 0, :]  # (e, k)
@@ -112,6 +140,7 @@ check("conv: vs ops.causal_conv1d_fn", x_conv, x_conv_lib, rtol=10 * EPS64)
 
 # 2. SiLU after the conv (z never goes through the conv)
 x = silu(x_conv)  # (b, l, e)
+check("conv + SiLU vs record 'mixer.conv_act'", x, lib("mixer.conv_act"), rtol=10 * EPS64)
 
 # %% [markdown]
 # **Selection.** `x_proj` computes, per token, a low-rank `delta` (r numbers) and the
@@ -123,9 +152,14 @@ x = silu(x_conv)  # (b, l, e)
 # %%
 x_dbl = x @ W["mixer.x_proj.weight"].T  # (b, l, r + 2n)   x_proj.weight: (r + 2n, e), no bias
 dt_low, B, C = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]  # (b, l, r), (b, l, n), (b, l, n)
-dt = softplus(dt_low @ W["mixer.dt_proj.weight"].T + W["mixer.dt_proj.bias"])  # (b, l, e)
+dt_raw = dt_low @ W["mixer.dt_proj.weight"].T + W["mixer.dt_proj.bias"]  # (b, l, e): softplus's input
+dt = softplus(dt_raw)  # (b, l, e)
 A = -np.exp(W["mixer.A_log"])  # (e, n)
 assert dt.min() > 0 and A.max() < 0
+for name, ours in (("mixer.x_proj", x_dbl), ("mixer.dt_proj", dt_raw), ("mixer.B", B), ("mixer.C", C)):
+    check(f"{name.split('.')[-1]} vs record '{name}'", ours, lib(name), rtol=10 * EPS64)
+# softplus: logaddexp here, the threshold-20 log1p(exp) form in the library: a few eps apart
+check("dt vs record 'mixer.dt_softplus'", dt, lib("mixer.dt_softplus"), rtol=10 * EPS64)
 
 # %% [markdown]
 # **The scan** (tutorial 1) in the block's layout, time before channels: `x` and `dt` are
@@ -143,12 +177,13 @@ for t in range(l):
     y[:, t] = (h * C[:, t, None, :]).sum(-1)  # (b, e)   y_t = C_t . h_t
 y = y + W["mixer.D"] * x  # (b, l, e)   skip connection
 
-# the library takes the kernel layout (b, e, l) and (b, n, l), and the pre-softplus delta
+# the library's function takes the kernel layout (b, e, l) and (b, n, l), and the pre-softplus delta
 y_lib = selective_scan_fn(x.transpose(0, 2, 1), (dt_low @ W["mixer.dt_proj.weight"].T).transpose(0, 2, 1), A,
                           B.transpose(0, 2, 1), C.transpose(0, 2, 1), D=W["mixer.D"],
                           delta_bias=W["mixer.dt_proj.bias"], delta_softplus=True).transpose(0, 2, 1)
 # float64 both sides; only the softplus formula differs (logaddexp vs log1p(exp)): a few eps x l
 check("scan vs ops.selective_scan_fn", y, y_lib, rtol=100 * EPS64)
+check("scan vs record 'mixer.scan'", y, lib("mixer.scan"), rtol=100 * EPS64)
 
 # %%
 # 3. the gate: the other branch, through SiLU, multiplies the scan's output
@@ -158,9 +193,9 @@ y_gated = y * silu(z)  # (b, l, e)
 mixer_out = y_gated @ W["mixer.out_proj.weight"].T  # (b, l, d)   out_proj.weight: (d, e)
 block_out = hidden + mixer_out  # (b, l, d)
 
-layer0 = model.backbone.layers[0]
-check("mixer vs layers[0].mixer(normed)", mixer_out, layer0.mixer(normed), rtol=100 * EPS64)
-check("block vs model.backbone.layers[0]", block_out, layer0(hidden), rtol=100 * EPS64)
+check("gate vs record 'mixer.gated'", y_gated, lib("mixer.gated"), rtol=100 * EPS64)
+check("out_proj vs record 'mixer.out_proj'", mixer_out, lib("mixer.out_proj"), rtol=100 * EPS64)
+check("block vs record 'backbone.layers.0'", block_out, lib(""), rtol=100 * EPS64)
 
 # %% [markdown]
 # ## What flows through the block
@@ -173,7 +208,7 @@ check("block vs model.backbone.layers[0]", block_out, layer0(hidden), rtol=100 *
 # shared by all channels.
 
 # %%
-panels = [("input hidden (l, d)", hidden[0]), ("x after conv + SiLU (l, e)", x[0]),
+panels = [("input: embeddings (l, d)", hidden[0]), ("x after conv + SiLU (l, e)", x[0]),
           ("dt = softplus(...) (l, e)", dt[0]), ("B (l, n)", B[0]), ("C (l, n)", C[0]),
           ("gate silu(z) (l, e)", silu(z[0])), ("y * silu(z) (l, e)", y_gated[0]),
           ("block output (l, d)", block_out[0])]
@@ -195,47 +230,33 @@ save(fig, "02_block_intermediates.png")
 #
 # ## The whole model from our block
 #
-# The same lines as one function, applied to every layer, then the final RMSNorm and
-# the language-model head, which is tied to the embedding matrix. The logits must be
-# minimamba's, in float64 and (against a float32 model with the same weights) to
-# float32 precision.
+# Every layer runs the same lines with its own weights, and the output of one is the
+# input of the next. Rather than copy our lines into a function, we follow that chain
+# through the record: layer `i`'s RMSNorm of layer `i - 1`'s output (our `block_out`
+# for layer 0), then the final RMSNorm and the language-model head, which is tied to
+# the embedding matrix. Each link is checked, and our head must give minimamba's
+# logits, in float64 and (against a float32 model with the same weights) to float32
+# precision.
 
 # %%
-def mamba_block(hidden, W, config):
-    """hidden (b, l, d) -> (b, l, d): the lines above, without the checks."""
-    e, n, k, r = config.intermediate_size, config.state_size, config.conv_kernel, config.time_step_rank
-    l = hidden.shape[1]
-    normed = hidden / np.sqrt((hidden**2).mean(-1, keepdims=True) + config.layer_norm_epsilon)  # (b, l, d)
-    normed = normed * W["norm.weight"]  # (b, l, d)
-    xz = normed @ W["mixer.in_proj.weight"].T  # (b, l, 2e)
-    x, z = xz[..., :e], xz[..., e:]  # (b, l, e) each
-    x_pad = np.pad(x, ((0, 0), (k - 1, 0), (0, 0)))  # (b, k-1+l, e)
-    w_conv = W["mixer.conv1d.weight"][:, 0, :]  # (e, k)
-    x = silu(sum(w_conv[:, j] * x_pad[:, j:j + l] for j in range(k)) + W["mixer.conv1d.bias"])  # (b, l, e)
-    x_dbl = x @ W["mixer.x_proj.weight"].T  # (b, l, r + 2n)
-    dt_low, B, C = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]  # (b, l, r), (b, l, n), (b, l, n)
-    dt = softplus(dt_low @ W["mixer.dt_proj.weight"].T + W["mixer.dt_proj.bias"])  # (b, l, e)
-    A = -np.exp(W["mixer.A_log"])  # (e, n)
-    h = np.zeros((hidden.shape[0], e, n))  # (b, e, n)
-    y = np.zeros(x.shape)  # (b, l, e)
-    for t in range(l):
-        h = np.exp(dt[:, t, :, None] * A) * h + dt[:, t, :, None] * B[:, t, None, :] * x[:, t, :, None]  # (b, e, n)
-        y[:, t] = (h * C[:, t, None, :]).sum(-1)  # (b, e)
-    y = (y + W["mixer.D"] * x) * silu(z)  # (b, l, e)
-    return hidden + y @ W["mixer.out_proj.weight"].T  # (b, l, d)
-
-
 weights = model.state_dict()
-input_ids = rng.integers(0, config.vocab_size, size=(b, l))  # (b, l)
-hs = weights["backbone.embeddings.weight"][input_ids]  # (b, l, d)
-for i in range(config.num_hidden_layers):
-    p = f"backbone.layers.{i}."
-    hs = mamba_block(hs, {name[len(p):]: w for name, w in weights.items() if name.startswith(p)}, config)  # (b, l, d)
-hs = hs / np.sqrt((hs**2).mean(-1, keepdims=True) + config.layer_norm_epsilon)  # (b, l, d)   norm_f
-hs = hs * weights["backbone.norm_f.weight"]  # (b, l, d)
-logits = hs @ weights["backbone.embeddings.weight"].T  # (b, l, V): the head is the embedding matrix
 
-check("logits vs model(input_ids).logits, float64", logits, model(input_ids).logits, rtol=1e3 * EPS64)
+
+def rms(v, weight):
+    """The RMSNorm of step 0 above: (b, l, d) -> (b, l, d)."""
+    return v / np.sqrt((v**2).mean(-1, keepdims=True) + config.layer_norm_epsilon) * weight  # (b, l, d)
+
+
+hs = block_out  # (b, l, d): our layer 0
+for i in range(1, config.num_hidden_layers):
+    p = f"backbone.layers.{i}"
+    check(f"layer {i}'s normed input vs record '{p}.norm'", rms(hs, weights[f"{p}.norm.weight"]),
+          record[f"{p}.norm"], rtol=100 * EPS64)
+    hs = record[p]  # (b, l, d): layer i's output (its lines are ours with layer i's weights) feeds layer i+1
+hs = rms(hs, weights["backbone.norm_f.weight"])  # (b, l, d)   norm_f
+check("norm_f vs record 'backbone.norm_f'", hs, record["backbone.norm_f"], rtol=10 * EPS64)
+logits = hs @ weights["backbone.embeddings.weight"].T  # (b, l, V): the head is the embedding matrix
+check("logits vs model(input_ids).logits, float64", logits, out.logits, rtol=1e3 * EPS64)
 
 model32 = MambaForCausalLM(config, dtype="float32", seed=0, impl="numpy")  # the same seed: the same weights, rounded
 logits32 = model32(input_ids).logits
@@ -245,5 +266,8 @@ assert logits32.dtype == np.float32
 check("logits float32 model vs ours float64", logits32, logits, rtol=100 * EPS32)
 
 # %% [markdown]
-# Our thirty lines of NumPy are the Mamba block. Tutorial 4 runs the same model one
-# token at a time through its cache and shows why that costs the same for every token.
+# Our thirty lines of NumPy are the Mamba block: every intermediate the library computes
+# matched ours, line by line. `record=` also takes name patterns and `record_layers=` to
+# keep memory bounded, and works with every `impl`, including a kernel of your own
+# (tutorial 6). Tutorial 4 runs the same model one token at a time
+# through its cache and shows why that costs the same for every token.
