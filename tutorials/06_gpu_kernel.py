@@ -24,8 +24,8 @@
 # the hardware: where the state really lives (registers or local memory), which
 # precision the sum runs in, and how the threads of a warp read memory. Then the
 # library's kernel `minimamba.kernels.cuda`, checked the same way, and finally how to
-# check *your own* kernel against minimamba in float64, layer by layer, including what
-# a buggy kernel looks like there.
+# check *your own* kernel inside the whole model against minimamba in float64, tensor by
+# tensor, with `minimamba.compare` — including what it says about a buggy kernel.
 #
 # The simulator must be switched on before numba is imported.
 
@@ -40,7 +40,7 @@ import numpy as np
 from numba import cuda, njit
 
 import minimamba.kernels.cuda as mm_cuda
-from minimamba import MambaConfig, MambaForCausalLM
+from minimamba import MambaConfig, MambaForCausalLM, compare  # compare: minimamba.compare
 from minimamba.ops import selective_scan_fn, selective_scan_ref, silu, softplus
 from _common import EPS32, check, save  # tutorials/_common.py: the figure folder, check(), save()
 
@@ -251,15 +251,25 @@ check("minimamba.kernels.cuda scan: output", y_gpu, y_ref, rtol=200 * EPS32)
 check("minimamba.kernels.cuda scan: final state", h_gpu, h_ref, rtol=200 * EPS32)
 
 # %% [markdown]
-# ## 4. Checking your own kernel against minimamba, layer by layer, in float64
+# ## 4. Checking your own kernel against minimamba, tensor by tensor, in float64
 #
-# A kernel can be right on random inputs and still drift inside a model. The recipe:
-# run minimamba in **float64** as ground truth, run the model with your kernel in
-# float32, and compare every layer's output (`output_hidden_states=True`).
+# A kernel can be right on random inputs and still drift inside a model. The recipe
+# (README, "Checking your own implementation"): run minimamba in **float64** as ground
+# truth, run the whole model on your kernel in float32, record every named intermediate
+# of both passes (`record=True`), and let `minimamba.compare` say, tensor by tensor in
+# forward order, how far yours lies from the truth and which tensor first leaves the
+# tolerance.
+#
+# The tolerance is the **float32 error envelope**: for each tensor, how far minimamba's
+# own float32 run lies from its float64 run on the same input
+# (`compare.error_envelope`), times a factor of 10 (`compare.ENVELOPE_FACTOR`, which
+# leaves room for a different but correct order of summation). Within it, a kernel is as
+# accurate as a correct float32 implementation can be expected to be.
 #
 # Three "kernels" stand in for yours, each a function with the signature of
-# `minimamba.ops.selective_scan_fn`, placed in every layer's mixer (`mixer.kernels` is
-# the set of functions a layer calls):
+# `minimamba.ops.selective_scan_fn`, plugged into the model with
+# `impl={"selective_scan_fn": scan}` (the other kernels stay the default; the model holds
+# this one kernel set and every layer calls it; `model.to(impl=...)` swaps it later):
 #
 # * the readable NumPy scan in float32: a correct kernel;
 # * the paper's Eq. (4) in full, ZOH for `B` too: $\bar B = (e^{\Delta A} - 1) A^{-1} B$
@@ -299,7 +309,8 @@ kernels = {
 config = MambaConfig(vocab_size=97, hidden_size=32, state_size=N_MAX, num_hidden_layers=6, conv_kernel=4)
 truth = MambaForCausalLM(config, dtype="float64", impl="reference", seed=0)
 ids = rng.integers(0, config.vocab_size, (2, 24))  # (b, l)
-hs64 = truth(ids, output_hidden_states=True).hidden_states  # 6 layers + norm_f, each (b, l, d)
+truth_record = truth(ids, record=True).record  # {name: array}: embeddings, 12 per layer x 6, norm_f, logits
+envelope = compare.error_envelope(truth, ids)  # {name: max |float32 - float64|} of minimamba's own two runs
 
 # the correct stand-in must be the library's scan: check it first, in float64 against ops
 args64 = [rng.standard_normal(shape) for shape in ((2, 8, 11), (2, 8, 11))] + [
@@ -307,41 +318,67 @@ args64 = [rng.standard_normal(shape) for shape in ((2, 8, 11), (2, 8, 11))] + [
 check("stand-in 'correct' scan vs ops.selective_scan_fn", kernels["correct (ZOH A, Euler B)"](
     *args64, delta_softplus=True), selective_scan_fn(*args64, delta_softplus=True), rtol=100 * 2.2e-16)
 
-rel = {}
+results = {}
 for label, scan in kernels.items():
-    mine = MambaForCausalLM(config, dtype="float32", impl="numpy", seed=0)  # the same weights, rounded
-    for layer in mine.backbone.layers:
-        layer.mixer.kernels.selective_scan_fn = scan  # what every layer calls for its scan
-    hs32 = mine(ids, output_hidden_states=True).hidden_states
-    rel[label] = [float(np.abs(a - b_).max() / np.abs(b_).max()) for a, b_ in zip(hs32, hs64)]
-    print(f"{label:<26} max rel error per layer: " + " ".join(f"{r:.1e}" for r in rel[label]))
-correct, zoh_b, euler_a = rel.values()
-# a correct float32 model: a few eps32 per op, ~100s of ops in a chain over 6 layers
-assert max(correct) < 1000 * EPS32, "a float32 model should stay within ~1000 eps32 of float64 over 6 layers"
-# the bugs stand out from layer 0 by orders of magnitude: at least 100x the correct kernel's error everywhere
-assert min(np.array(zoh_b) / np.array(correct)) > 100 and min(np.array(euler_a) / np.array(correct)) > 100
+    mine = MambaForCausalLM(config, dtype="float32", impl={"selective_scan_fn": scan}, seed=0)  # same weights, rounded
+    assert mine.kernels.selective_scan_fn is scan  # the model calls our function in every layer
+    results[label] = compare.compare(truth_record, mine(ids, record=True).record, envelope=envelope)
+    print(f"{label:<26} {results[label].report().splitlines()[-1]}")
 
-fig, ax = plt.subplots(figsize=(6.5, 3.6))
-for (label, r), marker in zip(rel.items(), "osD"):
-    ax.semilogy(range(len(r)), r, marker + "-", label=label)
-ax.axhline(EPS32, color="gray", ls=":", label="eps32")
-ax.set_xticks(range(len(correct)), [str(i) for i in range(len(correct) - 1)] + ["norm_f"])
-ax.set_xlabel("layer output")
-ax.set_ylabel("max relative error vs float64")
-ax.set_title("per-layer error of a float32 model against minimamba float64", fontsize=10)
-ax.legend(fontsize=8, loc="center right")
+# %% [markdown]
+# What `compare` prints for the first bug: one row per tensor in forward order, the
+# max abs error, the max error relative to max |ref|, the error over the tolerance and
+# where the worst element sits. Everything up to the scan agrees (the embeddings, the
+# norm, in_proj, the conv, x_proj, dt, B and C do not touch the scan); the scan's output
+# is the first tensor beyond the tolerance, and every tensor after it inherits the error.
+
+# %%
+report = results["bug: ZOH for B too"].report().splitlines()
+print("\n".join(report[:16] + ["..."] + report[-3:]))
+
+correct, zoh_b, euler_a = results.values()
+worst = max(correct.rows, key=lambda row: row.ratio)
+print(f"correct kernel: the largest error over tolerance is {worst.ratio:.2f}, at {worst.name}")
+# a correct float32 kernel stays within the envelope on every tensor: nothing diverges
+assert correct.ok and correct.first_divergence is None
+# each bug is named at the tensor it makes, in the first layer: the scan, not the conv or a projection
+assert zoh_b.first_divergence == euler_a.first_divergence == "backbone.layers.0.mixer.scan"
+# and it does not heal: every later layer's output is beyond the tolerance too, by 10x at least
+outputs = [f"backbone.layers.{i}" for i in range(config.num_hidden_layers)] + ["backbone.norm_f", "lm_head"]
+for result in (zoh_b, euler_a):
+    ratio = {row.name: row.ratio for row in result.rows}
+    assert min(ratio[name] for name in outputs) > 10, {name: f"{ratio[name]:.1f}" for name in outputs}
+
+fig, ax = plt.subplots(figsize=(6.8, 3.8))
+for (label, result), marker in zip(results.items(), "osD"):
+    ratio = {row.name: row.ratio for row in result.rows}
+    line, = ax.semilogy(range(len(outputs)), [ratio[name] for name in outputs], marker + "-",
+                        label=f"{label}: first divergence {result.first_divergence or 'none'}")
+    ax.semilogy(range(config.num_hidden_layers),
+                [ratio[f"backbone.layers.{i}.mixer.scan"] for i in range(config.num_hidden_layers)],
+                marker, mfc="none", color=line.get_color(), ls=":")
+ax.axhline(1.0, color="k", ls="--", lw=1, label="tolerance (10 x the float32 envelope)")
+ax.set_xticks(range(len(outputs)), [str(i) for i in range(config.num_hidden_layers)] + ["norm_f", "logits"])
+ax.set_xlabel("layer output (solid); the layer's scan output (dotted, open markers)")
+ax.set_ylabel("max abs error / tolerance")
+ax.set_title("minimamba.compare: a float32 model on three scans vs minimamba float64", fontsize=10)
+ax.legend(fontsize=7, loc="center right")
 save(fig, "06_error_per_layer.png")
 
 # %% [markdown]
-# ![per-layer error of a correct and two buggy float32 scans](figures/06_error_per_layer.png)
+# ![error over tolerance per layer of a correct and two buggy float32 scans](figures/06_error_per_layer.png)
 #
-# A correct float32 kernel sits near eps32 (the float64 truth rounded to float32 could
-# not do better) and grows slowly with depth. A discretisation bug is visible at the
-# first layer, orders of magnitude above, and stays there: every layer runs the wrong
-# model. (A bug that shows in one layer
-# only — an indexing error that needs a large `d` or `l` to bite — shows up as a jump at
-# that layer, which points straight at where to look.)
+# A correct float32 kernel stays below the tolerance on every tensor: it is as far from
+# the float64 truth as minimamba's own float32 run, give or take the factor that leaves
+# room for another order of summation. A discretisation bug leaves the tolerance at the
+# first tensor it computes, the scan of layer 0 — `compare` names it — and stays far
+# beyond: every layer runs the wrong model. (A bug that shows in one layer only — an
+# indexing error that needs a large `d` or `l` to bite — shows up as the first
+# divergence at that layer, which points straight at where to look.)
 #
-# On a GPU, the same check runs with `MambaForCausalLM(..., backend="cupy", impl="cuda")`
-# against the float64 CPU model; `python -m minimamba.kernels.gpu_check` does exactly that
-# on a 130m-shape model.
+# The same check from the shell: `minimamba dump` writes a record (with its envelope) to
+# a safetensors file, your framework writes the same names with
+# `minimamba.compare.save_record`, and `minimamba compare REF MINE --plot err.png` prints
+# the table above. On a GPU, the model runs with `MambaForCausalLM(..., backend="cupy",
+# impl="cuda")` against the float64 CPU model; `python -m minimamba.kernels.gpu_check`
+# does exactly that on a 130m-shape model.
