@@ -27,24 +27,34 @@ The graph reads its input tokens from, and writes its logits to, fixed device
 buffers (`step.tokens`, `step.logits`): the logits returned are overwritten by
 the next call. With greedy=True the graph also writes argmax(logits) into
 `step.tokens`, so `step()` with no argument decodes greedily without leaving the GPU.
+
+Never silently stale. A graph replays its kernels on the device buffers it was
+captured with, so it follows every in-place edit of the model's parameters and
+nothing computed from them is kept aside: `A = -exp(A_log)` is computed inside
+the captured step (one (e, n) exp per layer per replay, as in the model's own
+step), so an in-place edit of `A_log` changes the next logits exactly as a reload
+would. A parameter or cache state *replaced* by a new array (`load_state_dict`,
+`.to()`, an assignment) is a buffer the graph has never seen: each call checks
+that the model and cache still hold the arrays captured (one `is` per array, a
+few microseconds of Python per step) and refuses to replay with a ValueError
+naming the first one replaced. Capture a new GraphDecodeStep then.
 """
 
 from __future__ import annotations
 
 
-def decode_logits(model, cache, tokens, A=None):
+def decode_logits(model, cache, tokens):
     """One decode step through `cache` (updated in place): tokens (b,) -> logits (b, V).
 
     The model's decode step (MambaForCausalLM.__call__ with l = 1) without cuBLAS.
-    `A` is the per-layer list of -exp(A_log), computed here when not given.
+    Every parameter is read from the model at each call, A too (`mixer.A` = -exp(A_log),
+    the model's own definition): captured in a graph, each replay reads the current A_log.
     """
     from minimamba.kernels import cuda as kc
     from minimamba.ops import rms_norm
 
     config, backbone = model.config, model.backbone
     e, n, r, eps = config.intermediate_size, config.state_size, config.time_step_rank, config.layer_norm_epsilon
-    if A is None:
-        A = [-array_exp(layer.mixer.A_log) for layer in backbone.layers]
     hidden = backbone.embeddings_weight[tokens]  # (b, d)
     for i, layer in enumerate(backbone.layers):
         m = layer.mixer
@@ -54,7 +64,7 @@ def decode_logits(model, cache, tokens, A=None):
                                     activation="silu")  # (b, e)
         x_dbl = kc.linear(x, m.x_proj_weight)  # (b, r + 2n)
         dt = kc.linear(x_dbl[:, :r], m.dt_proj_weight)  # (b, e); its bias goes inside the softplus
-        y = kc.selective_state_update(cache.ssm_states[i], x, dt, A[i], x_dbl[:, r:r + n], x_dbl[:, r + n:],
+        y = kc.selective_state_update(cache.ssm_states[i], x, dt, m.A, x_dbl[:, r:r + n], x_dbl[:, r + n:],
                                       D=m.D, z=xz[:, e:], dt_bias=m.dt_proj_bias, dt_softplus=True)  # (b, e)
         hidden = hidden + kc.linear(y, m.out_proj_weight, m.out_proj_bias)  # (b, d)
     hidden = rms_norm(hidden, backbone.norm_f_weight, eps)
@@ -62,10 +72,20 @@ def decode_logits(model, cache, tokens, A=None):
     return kc.linear(hidden, model.head_weight)  # (b, V)
 
 
-def array_exp(x):
-    from minimamba.ops import array_module
+def captured_buffers(model, cache) -> list:
+    """(name, holder, key, array) of every array a captured step reads or writes: parameters, cache states."""
+    out = []
+    for name in model.parameter_shapes():
+        holder, attr = model._slot(name)
+        out.append((name, holder, attr, getattr(holder, attr)))
+    for kind in ("conv_states", "ssm_states"):
+        states = getattr(cache, kind)
+        out += [(f"cache.{kind}[{i}]", states, i, state) for i, state in enumerate(states)]
+    return out
 
-    return array_module(x).exp(x)
+
+def _held(holder, key):
+    return holder[key] if isinstance(key, int) else getattr(holder, key)
 
 
 class GraphDecodeStep:
@@ -77,7 +97,7 @@ class GraphDecodeStep:
         if cache.backend.name != "cupy":
             raise ValueError("GraphDecodeStep needs a MambaCache on backend='cupy'")
         self.model, self.cache, self.greedy = model, cache, greedy
-        self.A = [-array_exp(layer.mixer.A_log) for layer in model.backbone.layers]  # (e, n) per layer, fixed
+        self.buffers = captured_buffers(model, cache)  # the arrays the graph is bound to, checked at each call
         self.tokens = cupy.zeros((cache.max_batch_size,), dtype=cupy.int64)  # (b,) the graph's input
         self.pool = cupy.cuda.MemoryPool()  # the graph's own memory: never handed to anyone else
         capture_stream = cupy.cuda.Stream(non_blocking=True)
@@ -100,7 +120,7 @@ class GraphDecodeStep:
         cache.seqlen_offset = offset
 
     def _step(self):
-        logits = decode_logits(self.model, self.cache, self.tokens, self.A)  # (b, V)
+        logits = decode_logits(self.model, self.cache, self.tokens)  # (b, V)
         if self.greedy:
             self.tokens[...] = logits.argmax(axis=-1)
         return logits
@@ -109,8 +129,17 @@ class GraphDecodeStep:
         """Run one step on `tokens` (b,) (the last greedy pick when None); returns the logits buffer."""
         import cupy
 
+        self.check_buffers()
         if tokens is not None:
             self.tokens[...] = cupy.asarray(tokens, dtype=cupy.int64).reshape(self.tokens.shape)
         self.graph.launch(stream=cupy.cuda.get_current_stream())
         self.cache.seqlen_offset += 1
         return self.logits
+
+    def check_buffers(self):
+        """ValueError if the model or cache no longer holds an array the graph was captured with."""
+        for name, holder, key, array in self.buffers:
+            if _held(holder, key) is not array:
+                raise ValueError(f"{name} was replaced by a new array after the CUDA graph was captured (in-place "
+                                 "edits are followed, a new array is not: the graph would read the old one); "
+                                 "make a new GraphDecodeStep")
