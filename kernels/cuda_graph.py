@@ -35,9 +35,11 @@ the captured step (one (e, n) exp per layer per replay, as in the model's own
 step), so an in-place edit of `A_log` changes the next logits exactly as a reload
 would. A parameter or cache state *replaced* by a new array (`load_state_dict`,
 `.to()`, an assignment) is a buffer the graph has never seen: each call checks
-that the model and cache still hold the arrays captured (one `is` per array, a
-few microseconds of Python per step) and refuses to replay with a ValueError
-naming the first one replaced. Capture a new GraphDecodeStep then.
+that the model and cache still hold the arrays captured (one `is` per array:
+for the 130m model's 290 arrays ~50 us of Python per step on a shared, loaded
+CPU, some 3% of a 1.4 ms graph step at batch 1 on an H200; not timed on a GPU)
+and refuses to replay with a ValueError naming the first one replaced. Capture
+a new GraphDecodeStep then.
 """
 
 from __future__ import annotations
