@@ -82,7 +82,7 @@ input_ids = rng.integers(0, config.vocab_size, size=(b, l))  # (b, l)
 out = model(input_ids, record=True)  # .logits (b, l, V) and .record {name: array}
 record = out.record
 for name, value in record.items():
-    if not name.startswith("backbone.layers.") or name.startswith(prefix):  # layer 1 has the same names
+    if not name.startswith("backbone.layers.1"):  # layer 1's names are layer 0's with a 1
         print(f"  {name:<40} {str(value.shape):>12}")
 
 hidden = model.state_dict()["backbone.embeddings.weight"][input_ids]  # (b, l, d)
