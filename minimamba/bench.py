@@ -167,7 +167,7 @@ class TransformersRunner:
             import transformers
         except ImportError:
             raise ImportError("--vs transformers needs torch and transformers: "
-                              "pip install 'minimamba[crosscheck]'") from None
+                              "pip install torch transformers (from the repository: pip install -e '.[crosscheck]')") from None
         self.torch = torch
         cfg = model.config
         hf_config = transformers.MambaConfig(
