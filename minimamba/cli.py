@@ -6,10 +6,6 @@ import argparse
 import os
 import sys
 
-from .bench import add_bench_parser
-from .generate_cli import add_generate_parser
-from .training.finetune_cli import add_finetune_parser
-from .training.train_cli import add_train_parser
 
 
 def cmd_info(args):
@@ -42,6 +38,11 @@ def add_info_parser(sub):
 
 
 def build_parser():
+    from .bench import add_bench_parser
+    from .generate_cli import add_generate_parser
+    from .training.finetune_cli import add_finetune_parser
+    from .training.train_cli import add_train_parser
+
     parser = argparse.ArgumentParser(prog="minimamba", description="Mamba language models in NumPy")
     sub = parser.add_subparsers(dest="command", required=True)
     # Each command lives beside the code it drives; its module adds its own subparser.
@@ -54,10 +55,21 @@ def build_parser():
 
 
 def main(argv=None):
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports the commands' modules
+    except KeyboardInterrupt:  # Ctrl-C while Python loads them: no traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     try:
+        if args.command != "bench":  # the bench tunes unless --untuned
+            from .threads import tune_threads
+
+            tune_threads()  # the command's own process: the thread pools tuned for the prefill
         return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
         print(f"minimamba {args.command}: error: {err}", file=sys.stderr)
         return 2
