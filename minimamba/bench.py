@@ -421,7 +421,7 @@ def _run(args, model, runners, size, rss0):
 
 def add_bench_parser(sub):
     p = sub.add_parser("bench", help="prefill/decode speed and memory, optionally against transformers",
-                       description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+                       description=__doc__.split("\n\n")[0].replace("`", ""), formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", help="a checkpoint folder or Hub repo id (or --shape)")
     p.add_argument("--shape", help=f"random weights of a checkpoint shape: {', '.join(SHAPES)} (or --model)")
     p.add_argument("--prompt-len", type=int, default=512, help="tokens in the prompt (prefill)")

@@ -34,7 +34,7 @@ def _number(kind, ok, what):
 
 def add_generate_parser(sub):
     p = sub.add_parser("generate", help="continue a prompt, streaming the text as it is made",
-                       description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+                       description=__doc__.split("\n\n")[0].replace("`", ""), formatter_class=DefaultsHelpFormatter)
     p.add_argument("prompt", help="the text to continue; '-' reads it from stdin")
     p.add_argument("--model", default=None, help="checkpoint folder, Hub repo id, or 'builtin' "
                    "(the default: the 2.3M-parameter Shakespeare model shipped with minimamba)")
