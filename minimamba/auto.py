@@ -100,8 +100,10 @@ class AutoTokenizer:
 
     @staticmethod
     def from_pretrained(path_or_repo_id, **kwargs):
+        from .pipeline import builtin_model_dir
         from .tokenizer import Tokenizer
 
+        path_or_repo_id = builtin_model_dir() if path_or_repo_id == "builtin" else path_or_repo_id
         kwargs.pop("use_fast", None)  # always the `tokenizers` library
         kwargs.pop("trust_remote_code", None)
         if kwargs.pop("padding_side", "left") != "left":

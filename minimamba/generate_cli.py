@@ -38,7 +38,7 @@ def add_generate_parser(sub):
     p.add_argument("prompt", help="the text to continue; '-' reads it from stdin")
     p.add_argument("--model", default=None, help="checkpoint folder, Hub repo id, or 'builtin' "
                    "(the default: the 2.3M-parameter Shakespeare model shipped with minimamba)")
-    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder (e.g. from `minimamba finetune`) "
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder (e.g. from minimamba finetune) "
                    "applied to the model, unmerged; alone, its base_model_name_or_path names the model")
     p.add_argument("--merge-adapter", action="store_true",
                    help="merge the adapter into the weights (faster; the tied head then changes too)")

@@ -50,10 +50,14 @@ def _env(name, value):
 
 
 def _tune_openblas() -> str:
+    had_kmp = "KMP_DUPLICATE_LIB_OK" in os.environ
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
         return "left alone (threadpoolctl is not installed: pip install threadpoolctl)"
+    finally:
+        if not had_kmp:  # threadpoolctl's import sets it for Intel's OpenMP; not ours to leave behind
+            os.environ.pop("KMP_DUPLICATE_LIB_OK", None)
     import numpy  # noqa: F401 - its OpenBLAS must be loaded to be found
 
     libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
