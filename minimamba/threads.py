@@ -15,7 +15,7 @@ What, at call time, whatever was imported first (no environment variable is left
   OpenBLAS  its spin timeout becomes 2^20 cycles: OpenBLAS reads OPENBLAS_THREAD_TIMEOUT=20
             again (its exported openblas_read_env, the variable set only for that call)
             and restarts its threads (blas_thread_shutdown_; the next matmul starts them).
-            The library is found through threadpoolctl (in the `fast` extra).
+            The library is found through threadpoolctl (a dependency: small, pure Python).
   Numba     GOMP_SPINCOUNT=10000 for Numba's OpenMP pool, set only while Numba starts its
             threads (now, or when a kernel is first needed), and on AVX-512 CPUs 512-bit
             vectors for the kernels (minimamba/kernels/__init__.py). Other libraries'
