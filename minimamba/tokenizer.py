@@ -49,6 +49,10 @@ class Tokenizer:
         Hugging Face cache first, then online unless HF_HUB_OFFLINE is set.
         """
         path = os.fspath(path_or_repo_id)
+        if path == "builtin":  # the model shipped with minimamba
+            from .pipeline import builtin_model_dir
+
+            path = builtin_model_dir()
         if os.path.isfile(path):
             return cls.from_file(path)
         if os.path.isdir(path):
