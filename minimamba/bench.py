@@ -330,7 +330,6 @@ def run_bench(args):
           f"impl {model.kernels.name}, prefill chunk {model.backbone.prefill_chunk_size}, "
           f"best of {args.repeat}, {n_cpus} CPUs")
 
-    print(f"threads    {threads.note()}")
     runners = [MinimambaRunner(model)]
     if args.vs == "transformers":
         runners.append(TransformersProcess(source, model.dtype))
@@ -390,6 +389,9 @@ def _run(args, model, runners, size, rss0):
         peak_txt = f"{peak / 1e9:.2f} GB" if peak else "n/a"
         print(f"{runner.name:14}{n_tok_prefill / t_prefill:>15.1f}{decode_tps:>14.1f}{ms:>10.2f}{peak_txt:>19}")
 
+    from . import threads
+
+    print(f"\n{threads.note()}")
     if model.kernels.name == "auto":
         from .dispatch import loaded
 

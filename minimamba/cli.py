@@ -12,7 +12,9 @@ def cmd_info(args):
     from .config import MambaConfig
     from .weights import load_state_dict, read_checkpoint, resolve_model_dir
 
-    folder = resolve_model_dir(args.model)
+    from .pipeline import builtin_model_dir
+
+    folder = resolve_model_dir(builtin_model_dir() if args.model == "builtin" else args.model)
     config = MambaConfig.from_pretrained(folder)
     raw = read_checkpoint(folder)
     state = load_state_dict(folder, config)
@@ -33,7 +35,7 @@ def cmd_info(args):
 
 def add_info_parser(sub):
     p = sub.add_parser("info", help="print a checkpoint's config, parameter count and size")
-    p.add_argument("model", help="a checkpoint folder or a Hub repo id")
+    p.add_argument("model", help="a checkpoint folder, a Hub repo id, or 'builtin'")
     p.set_defaults(func=cmd_info)
 
 
