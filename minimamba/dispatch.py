@@ -8,9 +8,9 @@ measured (`python -m minimamba.dispatch` measures them again on your machine and
 prints the table to paste here).
 
 Numba is imported, and its kernels loaded from the disk cache (or compiled, the
-first time: minutes on a small machine), only when a call first crosses over. So
-the built-in model (d 256) never loads Numba for a short prompt, and a process
-that only decodes a few tokens does not pay Numba's start-up. A load or compile
+first time: minutes on a small machine), only when loading pays (LOAD_NOW_WORK,
+LOAD_AFTER_S below). So `minimamba generate "ROMEO:"` on the built-in model (d 256)
+never loads Numba, and a short run does not pay Numba's start-up. A load or compile
 that takes more than a second says so on stderr while it runs.
 """
 
@@ -31,7 +31,7 @@ from . import ops
 # `python -m minimamba.dispatch` prints the full table). The serial kernels won at every size
 # but the scan of a single token (NumPy's few operations then cost less than the kernel's setup).
 CROSSOVERS = {
-    "selective_scan_fn": 1 << 15,  # b * e * l * n: from 2 tokens at d 1536, 4 at d 256
+    "selective_scan_fn": 1 << 15,  # b * e * l * n: from 2 tokens at the 130m width (e 1536), 4 at e 512
     "selective_state_update": 0,  # b * e * n
     "causal_conv1d_fn": 0,  # b * e * (l + k)
     "causal_conv1d_update": 0,  # b * e * (l + k)
@@ -40,9 +40,11 @@ CROSSOVERS = {
 
 # Loading Numba and its kernels from the disk cache costs 0.5-2 s once per process (compiling
 # them the first time, minutes), more than the kernels save in a short run: the built-in model
-# gains ~0.1 ms a token. So Numba loads only when it will pay: at a call whose NumPy version
-# takes tens of milliseconds (a prefill of 128 tokens at d 768), or once the calls NumPy ran
-# in Numba's place have taken LOAD_AFTER_S in all (a long generation).
+# decodes ~2 ms a token faster (0.2 s over 100 tokens). So Numba loads only when it will pay:
+# at a call whose NumPy version takes tens of milliseconds (a prefill of 128 tokens at d 768),
+# or once the calls NumPy ran in Numba's place have taken LOAD_AFTER_S in all, about what
+# loading costs (a long generation: at worst twice the best choice made in hindsight, the
+# rent-or-buy rule).
 LOAD_NOW_WORK = 1 << 20
 LOAD_AFTER_S = 1.0
 
