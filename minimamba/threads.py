@@ -99,10 +99,13 @@ def tune_threads() -> str:
     """
     _state["tuned"] = True
     _state["openblas"] = _tune_openblas()
-    if sys.modules.get("minimamba.kernels") is not None:  # Numba already loaded: tune it now
+    if sys.modules.get("minimamba.kernels") is not None:  # the kernels package is loaded: tune Numba now
         from .kernels import tune_numba
 
-        _state["numba"] = tune_numba()
+        try:
+            _state["numba"] = tune_numba()
+        except ImportError:
+            _state["numba"] = "not installed"
     elif _state["numba"] == "not tuned":
         _state["numba"] = "tuned when Numba loads"
     return note()
