@@ -206,3 +206,20 @@ def test_ctrl_c_while_importing_prints_no_traceback(tmp_path):
     print(result.returncode, result.stderr)
     assert "Traceback" not in result.stderr and "interrupted" in result.stderr
     assert result.returncode != 0
+
+
+def test_training_speaks_from_the_first_second(tmp_path):
+    """Every slow stage before the first step (reading, the tokenizer, encoding, the first step) is announced."""
+    text = os.path.join(os.path.dirname(__file__), "data", "shakespeare_tiny.txt")
+    proc = cli("train", "--text", text, "--out", str(tmp_path / "run"), "--steps", "2", "--vocab-size", "300",
+               "--hidden-size", "16", "--layers", "1", "--state-size", "4", "--seq-len", "16", "--batch-size", "1",
+               "--eval-every", "0", "--log-every", "1", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[")]  # the timed stage lines
+    print("\n".join(lines[:6]))
+    assert "reading" in lines[0]
+    seconds = float(lines[0][1:].split("s]")[0])
+    assert seconds < 5  # the first line comes before any slow work
+    stages = " ".join(lines[:4])
+    assert "BPE tokenizer" in stages and "step 1 of 2" in stages
+    assert "--warmup 100 is longer than the run (--steps 2)" in proc.stderr
