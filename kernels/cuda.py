@@ -52,8 +52,8 @@ try:
     from numba import cuda
     import numba
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError("minimamba.kernels.cuda needs numba-cuda: pip install 'minimamba[gpu]' "
-                      "(or 'minimamba[gpu-cuda13]' for CUDA 13)") from err
+    raise ImportError("minimamba.kernels.cuda needs numba-cuda: pip install 'numba-cuda>=0.30,<0.31' "
+                      "(from the repository: pip install -e '.[gpu]', or '.[gpu-cuda13]' for CUDA 13)") from err
 
 from minimamba.ops import (array_module, check_conv_args, check_conv_update_args, check_scan_args,
                            check_shape, check_state_update_args, compute_dtype)

@@ -34,8 +34,8 @@ class Backend:
             try:
                 import cupy
             except ImportError:
-                raise ImportError("backend 'cupy' needs CuPy: pip install 'minimamba[gpu]' "
-                                  "(or minimamba[gpu-cuda13] for CUDA 13)") from None
+                raise ImportError("backend 'cupy' needs CuPy: pip install cupy-cuda12x "
+                                  "(cupy-cuda13x for CUDA 13; from the repository: pip install -e '.[gpu]')") from None
             try:
                 cupy.cuda.runtime.getDeviceCount()
             except Exception as err:  # noqa: BLE001 - cupy raises CUDARuntimeError or others

@@ -18,9 +18,12 @@ What is measured:
 Each figure is the best of --repeat runs (the machine may be shared: the fastest
 run is the one least disturbed). With --vs transformers the two libraries run
 alternately on the same weights, so their ratio is fair even when absolute numbers
-drift. transformers runs in a child process started with the environment the user
-gave, before minimamba's thread-spin settings (minimamba/threads.py): one of them,
-GOMP_SPINCOUNT, would reach torch's OpenMP threads too and slow its decode down.
+drift. transformers runs in a child process of its own, so nothing minimamba loads or
+tunes reaches torch's threads.
+
+threads  the bench calls minimamba.tune_threads() first, the one call a library user makes
+         to get these figures (the `minimamba` command makes it too); --untuned measures
+         what a program that does not call it gets.
 
 --roofline measures this machine's limits and prints each figure as a fraction:
   decode:  (bytes of weights read per token / memory bandwidth) / time per token
@@ -39,6 +42,7 @@ import time
 import numpy as np
 
 from .config import MambaConfig
+from .helpfmt import DefaultsHelpFormatter
 
 SHAPES = {  # the state-spaces/mamba-*-hf checkpoints: (hidden_size, num_hidden_layers)
     "tiny": (64, 2),
@@ -167,7 +171,7 @@ class TransformersRunner:
             import transformers
         except ImportError:
             raise ImportError("--vs transformers needs torch and transformers: "
-                              "pip install 'minimamba[crosscheck]'") from None
+                              "pip install torch transformers (from the repository: pip install -e '.[crosscheck]')") from None
         self.torch = torch
         cfg = model.config
         hf_config = transformers.MambaConfig(
@@ -201,8 +205,8 @@ class TransformersProcess:
     """TransformersRunner in a child process, driven through a pipe, one measurement at a time.
 
     The child rebuilds the same weights (the same checkpoint, or the same shape and
-    seed) and runs with original_environ(), so minimamba's thread settings do not
-    touch torch; its peak RSS is its own.
+    seed) in a process of its own, so minimamba's thread tuning does not touch torch;
+    its peak RSS is its own.
     """
 
     name = "transformers"
@@ -210,13 +214,9 @@ class TransformersProcess:
     def __init__(self, source, dtype):
         import subprocess
 
-        from . import threads
-
-        env = threads.original_environ()
-        env["MINIMAMBA_THREAD_SETTINGS"] = "0"  # the child's own `import minimamba` sets nothing either
         self.proc = subprocess.Popen([sys.executable, "-m", "minimamba.bench", "--transformers-worker",
                                       source, str(np.dtype(dtype))],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._receive()  # "ready", or the child's error
 
     def _receive(self):
@@ -308,6 +308,10 @@ def run_bench(args):
         raise ValueError("give exactly one of --model PATH or --shape NAME")
     if args.prompt_len < 1 or args.batch < 1 or args.new_tokens < 0 or args.repeat < 1:
         raise ValueError("--prompt-len, --batch and --repeat must be >= 1 and --new-tokens >= 0")
+    from . import threads
+
+    if not args.untuned:
+        threads.tune_threads()
     rss0 = _rss_bytes("VmRSS")
     source = args.model if args.model is not None else f"shape:{args.shape}"
     model = _bench_model(source, args.dtype, args.impl)
@@ -326,9 +330,6 @@ def run_bench(args):
           f"impl {model.kernels.name}, prefill chunk {model.backbone.prefill_chunk_size}, "
           f"best of {args.repeat}, {n_cpus} CPUs")
 
-    from . import threads
-
-    print(f"threads    {threads.note()}")
     runners = [MinimambaRunner(model)]
     if args.vs == "transformers":
         runners.append(TransformersProcess(source, model.dtype))
@@ -360,7 +361,7 @@ def _run(args, model, runners, size, rss0):
     rng = np.random.default_rng(args.seed)
     ids = rng.integers(0, cfg.vocab_size, size=(args.batch, args.prompt_len), dtype=np.int64)
 
-    warm = ids[:, :min(args.prompt_len, 16)]  # compile / load kernels and warm the allocators
+    warm = ids[:, :min(args.prompt_len, 128)]  # load kernels (impl auto: as a prompt this long would) and warm
     for runner in runners:
         runner.measure(warm, min(args.new_tokens, 2))
 
@@ -388,6 +389,13 @@ def _run(args, model, runners, size, rss0):
         peak_txt = f"{peak / 1e9:.2f} GB" if peak else "n/a"
         print(f"{runner.name:14}{n_tok_prefill / t_prefill:>15.1f}{decode_tps:>14.1f}{ms:>10.2f}{peak_txt:>19}")
 
+    from . import threads
+
+    print(f"\n{threads.note()}")
+    if model.kernels.name == "auto":
+        from .dispatch import loaded
+
+        print(f"kernels    impl auto: {'NumPy or Numba per call (Numba loaded)' if loaded() else 'NumPy only (no call needed Numba)'}")
     mm = best["minimamba"]
     if mm[2]:
         print(f"\nmemory     prefill peak RSS {mm[2] / 1e9:.2f} GB = weights {size.weight_bytes / 1e9:.2f} GB "
@@ -415,20 +423,22 @@ def _run(args, model, runners, size, rss0):
 
 def add_bench_parser(sub):
     p = sub.add_parser("bench", help="prefill/decode speed and memory, optionally against transformers",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="a checkpoint folder or Hub repo id")
-    p.add_argument("--shape", help=f"random weights of a checkpoint shape: {', '.join(SHAPES)}")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
+                       description=__doc__.split("\n\n")[0].replace("`", ""), formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--model", help="a checkpoint folder or Hub repo id (or --shape)")
+    p.add_argument("--shape", help=f"random weights of a checkpoint shape: {', '.join(SHAPES)} (or --model)")
+    p.add_argument("--prompt-len", type=int, default=512, help="tokens in the prompt (prefill)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded after the prefill")
+    p.add_argument("--batch", type=int, default=1, help="rows per call")
     p.add_argument("--dtype", default="float32", help="float32 or float64")
-    p.add_argument("--impl", default=None, help="reference, numpy, numba (default: the fastest available)")
+    p.add_argument("--impl", default="auto", help="auto (NumPy or Numba per call), reference, numpy, numba")
     p.add_argument("--vs", choices=["transformers"], help="also time transformers' CPU path, alternating")
     p.add_argument("--roofline", action="store_true", help="measure bandwidth and FLOP/s; print fractions")
+    p.add_argument("--untuned", action="store_true",
+                   help="skip minimamba.tune_threads(): what a program that does not call it gets")
     p.add_argument("--repeat", type=int, default=3, help="runs per figure; the best is shown")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="tokens per prefill chunk (default: the model's, 2048; 0: one pass)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     p.set_defaults(func=run_bench)
 
 

@@ -6,18 +6,15 @@ import argparse
 import os
 import sys
 
-from .bench import add_bench_parser
-from .check_cli import add_check_parsers
-from .generate_cli import add_generate_parser
-from .training.finetune_cli import add_finetune_parser
-from .training.train_cli import add_train_parser
 
 
 def cmd_info(args):
     from .config import MambaConfig
     from .weights import load_state_dict, read_checkpoint, resolve_model_dir
 
-    folder = resolve_model_dir(args.model)
+    from .pipeline import builtin_model_dir
+
+    folder = resolve_model_dir(builtin_model_dir() if args.model == "builtin" else args.model)
     config = MambaConfig.from_pretrained(folder)
     raw = read_checkpoint(folder)
     state = load_state_dict(folder, config)
@@ -38,11 +35,17 @@ def cmd_info(args):
 
 def add_info_parser(sub):
     p = sub.add_parser("info", help="print a checkpoint's config, parameter count and size")
-    p.add_argument("model", help="a checkpoint folder or a Hub repo id")
+    p.add_argument("model", help="a checkpoint folder, a Hub repo id, or 'builtin'")
     p.set_defaults(func=cmd_info)
 
 
 def build_parser():
+    from .bench import add_bench_parser
+    from .check_cli import add_check_parsers
+    from .generate_cli import add_generate_parser
+    from .training.finetune_cli import add_finetune_parser
+    from .training.train_cli import add_train_parser
+
     parser = argparse.ArgumentParser(prog="minimamba", description="Mamba language models in NumPy")
     sub = parser.add_subparsers(dest="command", required=True)
     # Each command lives beside the code it drives; its module adds its own subparser.
@@ -56,10 +59,21 @@ def build_parser():
 
 
 def main(argv=None):
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports the commands' modules
+    except KeyboardInterrupt:  # Ctrl-C while Python loads them: no traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     try:
+        if args.command != "bench":  # the bench tunes unless --untuned
+            from .threads import tune_threads
+
+            tune_threads()  # the command's own process: the thread pools tuned for the prefill
         return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
         print(f"minimamba {args.command}: error: {err}", file=sys.stderr)
         return 2

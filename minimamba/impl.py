@@ -32,16 +32,19 @@ def _namespace(name, module, **overrides):
 
 
 def resolve_impl(impl=None, backend_name="numpy") -> SimpleNamespace:
-    """The kernels for `impl`; None or "auto" picks the fastest one available; a mapping plugs in functions."""
+    """The kernels for `impl`; None or "auto" picks the fastest one available (on NumPy arrays: per call);
+    a mapping plugs in functions."""
     if isinstance(impl, Mapping):
         return _plugged(impl, backend_name)
     if impl in (None, "auto"):
-        preferred = ("cuda", "numpy") if backend_name == "cupy" else ("numba", "numpy")
-        for name in preferred:
-            try:
-                return resolve_impl(name, backend_name)
-            except ImportError:
-                continue
+        if backend_name == "numpy":  # per call NumPy or Numba, from measured crossovers; Numba loads when needed
+            from .dispatch import auto_kernels
+
+            return auto_kernels(KERNEL_NAMES)
+        try:
+            return resolve_impl("cuda", backend_name)
+        except ImportError:
+            return resolve_impl("numpy", backend_name)
     if impl == "reference":
         return _namespace("reference", ops, selective_scan_fn=ops.selective_scan_ref)
     if impl == "numpy":

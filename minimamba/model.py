@@ -213,8 +213,19 @@ class _Pretrained:
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype="float32", backend="numpy", impl=None,
                         revision=None, cache_dir=None):
-        """Load a checkpoint folder or Hub repo (e.g. "state-spaces/mamba-130m-hf")."""
+        """Load a checkpoint folder or Hub repo (e.g. "state-spaces/mamba-130m-hf"), or "builtin".
+
+        A PEFT adapter folder loads its base_model_name_or_path with the adapter on top, unmerged
+        (as PEFT's AutoPeftModel); see `load_adapter`.
+        """
+        from .adapters import base_model_of, is_adapter_folder
+        from .pipeline import builtin_model_dir
+
+        path_or_repo_id = builtin_model_dir() if path_or_repo_id == "builtin" else path_or_repo_id
         folder = resolve_model_dir(path_or_repo_id, revision=revision, cache_dir=cache_dir)
+        if is_adapter_folder(folder) and hasattr(cls, "load_adapter"):
+            model = cls.from_pretrained(base_model_of(folder), dtype=dtype, backend=backend, impl=impl)
+            return model.load_adapter(folder)
         config = MambaConfig.from_pretrained(folder)
         state_dict = load_state_dict(folder, config)
         model = cls(config, dtype=dtype, backend=backend, impl=impl, init=False)
@@ -223,6 +234,10 @@ class _Pretrained:
         model.name_or_path = str(path_or_repo_id)
         model.folder = folder
         return model
+
+    @property
+    def device(self) -> str:  # transformers' name, for `inputs.to(model.device)`
+        return "cpu" if self.backend.name == "numpy" else "cuda"
 
     def parameter_shapes(self) -> dict:
         return {name[len(self.prefix):]: shape for name, shape in expected_shapes(self.config).items()
@@ -400,6 +415,12 @@ class MambaForCausalLM(_Pretrained):
         return MambaCausalLMOutput(loss=loss, logits=logits, cache_params=outputs.cache_params,
                                    hidden_states=outputs.hidden_states,
                                    record=None if rec is None else rec.result())
+
+    def load_adapter(self, folder, merge=False):
+        """Apply a PEFT LoRA adapter folder: unmerged (PEFT's numbers) unless `merge`; see minimamba.adapters."""
+        from .adapters import load_adapter
+
+        return load_adapter(self, folder, merge=merge)
 
     def generate(self, input_ids, **kwargs):
         """Prefill once, then one token at a time through the cache; see minimamba.generation."""

@@ -39,10 +39,11 @@ def _resolve(path):
 
 
 @functools.lru_cache(maxsize=4)
-def _load_model(path, dtype, backend, impl):
+def _load_model(path, dtype, backend, impl, adapter=None, merge_adapter=False):
     from .model import MambaForCausalLM
 
-    return MambaForCausalLM.from_pretrained(path, dtype=dtype, backend=backend, impl=impl)
+    model = MambaForCausalLM.from_pretrained(path, dtype=dtype, backend=backend, impl=impl)
+    return model if adapter is None else model.load_adapter(adapter, merge=merge_adapter)
 
 
 @functools.lru_cache(maxsize=4)
@@ -52,20 +53,44 @@ def _load_tokenizer(path):
     return Tokenizer.from_pretrained(path)
 
 
-def load(model=None, tokenizer=None, dtype="float32", backend="numpy", impl=None):
-    """(MambaForCausalLM, Tokenizer) for a folder or Hub repo id (None: the built-in model), cached.
+def check_model_folder(folder):
+    """A clear error for a folder that holds no model at all (before a missing tokenizer is blamed)."""
+    from .adapters import ADAPTER_CONFIG
+
+    names = set(os.listdir(folder))
+    if not names & {"config.json", ADAPTER_CONFIG, "model.safetensors", "model.safetensors.index.json"}:
+        raise FileNotFoundError(f"no model here: {folder} has no config.json, weights or {ADAPTER_CONFIG}. "
+                                "Name a checkpoint folder, a Hub repo id, or 'builtin'")
+
+
+def load(model=None, tokenizer=None, dtype="float32", backend="numpy", impl=None, adapter=None,
+         merge_adapter=False):
+    """(MambaForCausalLM, Tokenizer) for a folder or Hub repo id (None or "builtin": the built-in model), cached.
 
     `model` may also be a loaded MambaForCausalLM (its tokenizer then comes from the
     folder it was loaded from) and `tokenizer` a Tokenizer or a folder / repo / file.
+    `adapter` is a PEFT LoRA folder applied on top (unmerged unless `merge_adapter`);
+    given alone, its base_model_name_or_path is the model. An adapter folder passed
+    as `model` works too (as PEFT's AutoPeftModel).
     """
+    from .adapters import base_model_of, is_adapter_folder
     from .model import MambaForCausalLM
     from .tokenizer import Tokenizer
 
     if not isinstance(model, MambaForCausalLM):
-        folder = _key(builtin_model_dir() if model is None else _resolve(_key(model)))
+        if model is None and adapter is not None:
+            model = adapter
+        folder = _key(builtin_model_dir() if model in (None, "builtin") else _resolve(_key(model)))
+        check_model_folder(folder)
+        if is_adapter_folder(folder):  # the adapter names its base model
+            adapter = folder if adapter is None else adapter
+            folder = _key(_resolve(_key(base_model_of(folder))))
+        adapter = None if adapter is None else _key(_resolve(_key(adapter)))
         if tokenizer is None:
             tokenizer = _load_tokenizer(folder)  # first: a missing tokenizer fails before the weights load
-        model = _load_model(folder, dtype, backend, impl)
+        model = _load_model(folder, dtype, backend, impl, adapter, merge_adapter)
+    elif adapter is not None:
+        raise ValueError("adapter= goes with a model name or folder; for a loaded model call model.load_adapter()")
     if tokenizer is None:
         if getattr(model, "folder", None) is None:
             raise ValueError("this model was not loaded from a folder; pass tokenizer= as well")

@@ -49,6 +49,10 @@ class Tokenizer:
         Hugging Face cache first, then online unless HF_HUB_OFFLINE is set.
         """
         path = os.fspath(path_or_repo_id)
+        if path == "builtin":  # the model shipped with minimamba
+            from .pipeline import builtin_model_dir
+
+            path = builtin_model_dir()
         if os.path.isfile(path):
             return cls.from_file(path)
         if os.path.isdir(path):
@@ -86,9 +90,16 @@ class Tokenizer:
     def batch_decode(self, rows, skip_special_tokens=True) -> list[str]:
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
 
-    def __call__(self, texts, add_special_tokens=True):
-        """A str or a list of str -> {"input_ids", "attention_mask"}, (b, p) int64, padded on the left."""
+    def __call__(self, texts, add_special_tokens=True, return_tensors="np"):
+        """A str or a list of str -> {"input_ids", "attention_mask"}, (b, p) int64, padded on the left.
+
+        NumPy arrays always (return_tensors "np", as transformers); the dict's `.to(device)`
+        is there for code written as `tokenizer(...).to(model.device)`.
+        """
         from .generation import left_pad
+
+        if return_tensors not in (None, "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: minimamba works on NumPy arrays; use 'np'")
 
         texts = [texts] if isinstance(texts, str) else list(texts)
         rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
@@ -97,7 +108,7 @@ class Tokenizer:
             raise ValueError(f"text {empty[0]} encodes to no tokens; give a non-empty prompt")
         pad = self.pad_token_id if self.pad_token_id is not None else 0
         input_ids, attention_mask = left_pad(rows, pad)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return BatchEncoding(input_ids=input_ids, attention_mask=attention_mask)
 
     def stream(self, prompt_ids=(), skip_special_tokens=True) -> StreamDecoder:
         """A `StreamDecoder` for the text that follows `prompt_ids`."""
@@ -105,6 +116,13 @@ class Tokenizer:
 
     def __repr__(self):
         return f"Tokenizer({self.name_or_path!r}, vocab_size={self.vocab_size})"
+
+
+class BatchEncoding(dict):
+    """{"input_ids", "attention_mask"} with transformers' `.to(device)`: the arrays stay NumPy, the model moves them."""
+
+    def to(self, device):
+        return self
 
 
 def hub_file(repo_id, filename, revision=None, cache_dir=None) -> str:

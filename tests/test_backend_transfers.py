@@ -89,7 +89,7 @@ def test_from_pretrained_on_the_cupy_backend(fake, tiny_checkpoint, tiny_model, 
 
 def test_missing_cupy_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
-    with pytest.raises(ImportError, match=r"pip install 'minimamba\[gpu\]'"):
+    with pytest.raises(ImportError, match=r"pip install cupy-cuda12x .*pip install -e '\.\[gpu\]'"):
         Backend("cupy")
 
 

@@ -179,21 +179,6 @@ def test_bench_transformers_worker_reports_its_error():
         TransformersProcess("shape:huge", np.float32)
 
 
-@pytest.mark.parametrize("env, want", [({}, "10000 20 GOMP_SPINCOUNT"),  # minimamba's defaults
-                                       ({"GOMP_SPINCOUNT": "5"}, "5 20 "),  # the user's value wins
-                                       ({"MINIMAMBA_THREAD_SETTINGS": "0"}, "None None ")])  # opted out
-def test_thread_settings(env, want):
-    """minimamba sets the thread spins before NumPy loads, unless told not to; original_environ() drops them."""
-    code = ("import minimamba, os; from minimamba import threads; "
-            "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OPENBLAS_THREAD_TIMEOUT'), "
-            "' '.join(n for n in threads.SET_HERE if n not in threads.original_environ() and n == 'GOMP_SPINCOUNT'))")
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "MINIMAMBA_THREAD_SETTINGS")}
-    result = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == want.strip()
-
-
 @pytest.mark.crosscheck
 def test_bench_vs_transformers_on_tiny_shape(capsys):
     pytest.importorskip("torch")

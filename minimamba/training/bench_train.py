@@ -3,6 +3,9 @@
     python -m minimamba.training.bench_train                       # the built-in model's shape
     python -m minimamba.training.bench_train --hidden-size 768 --layers 2 --batch-size 4
 
+Needs numba, and torch + transformers for the comparison (from the repository:
+pip install -e '.[fast,crosscheck]'); --skip-torch times minimamba alone.
+
 One training step on each side is the same work: forward, next-token loss,
 backward through every parameter, AdamW update, for the same model shape and
 the same batch of random token ids. Steps alternate between the two (one of
@@ -13,6 +16,7 @@ step time gives tokens/s. Both use the same number of threads.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import time
@@ -21,7 +25,7 @@ import numpy as np
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -86,6 +90,11 @@ def main(argv=None):
     print(f"model: d={args.hidden_size} layers={args.layers} n={args.state_size} V={args.vocab_size} "
           f"({n_params:,} parameters); batch {args.batch_size} x {args.seq_len} = {tokens} tokens per step; "
           f"{args.threads} threads")
+    missing = [m for m in ("numba",) + (() if args.skip_torch else ("torch", "transformers"))
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"bench_train needs {', '.join(missing)}: pip install {' '.join(missing)} (from the "
+                         "repository: pip install -e '.[fast,crosscheck]'); --skip-torch times minimamba alone")
     import numba
 
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))

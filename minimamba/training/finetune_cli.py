@@ -16,23 +16,25 @@ import os
 
 import numpy as np
 
-from .loop import run
+from ..helpfmt import DefaultsHelpFormatter
+from .loop import run, stage
 from .train_cli import _add_loop_args, check_out_dir, loop_options
 
 
 def add_finetune_parser(sub):
-    p = sub.add_parser("finetune", help="LoRA fine-tuning of a Mamba checkpoint on a text file (NumPy, no PyTorch)")
-    p.add_argument("--model", required=True, help="base checkpoint folder or Hub repo id")
-    p.add_argument("--text", required=True, help="UTF-8 text file to fine-tune on (5%% held out for validation)")
+    p = sub.add_parser("finetune", help="LoRA fine-tuning of a Mamba checkpoint on a text file (NumPy, no PyTorch)",
+                       description=__doc__.split("\n\n")[0].replace("`", ""), formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="base checkpoint folder, Hub repo id, or 'builtin'")
+    p.add_argument("--text", required=True, help="UTF-8 text file to fine-tune on")
     p.add_argument("--out", required=True, help="output folder for the adapter and checkpoints")
     p.add_argument("--tokenizer", help="tokenizer.json or folder (default: the model folder's)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / r)")
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' inputs")
     p.add_argument("--lora-targets", default="x_proj,embeddings,in_proj",
                    help="comma-separated modules among x_proj, embeddings, in_proj, dt_proj, out_proj "
                         "(PEFT refuses out_proj on Mamba, so adapters with it load only here)")
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of the text held out for validation")
     p.add_argument("--merge-to", help="after training, also save base + adapter merged into this folder")
     _add_loop_args(p)
     p.set_defaults(func=cmd_finetune, lr=1e-3, warmup=20, steps=200, weight_decay=0.0)
@@ -40,13 +42,15 @@ def add_finetune_parser(sub):
 
 def cmd_finetune(args):
     from ..config import MambaConfig
+    from ..pipeline import builtin_model_dir
     from ..weights import load_state_dict, resolve_model_dir, save_pretrained
     from . import data, lora
     from .grad import TrainingModel
 
     opts = loop_options(args)
     check_out_dir(args.out, args.resume)
-    folder = resolve_model_dir(args.model)
+    stage(f"loading {args.model}")
+    folder = resolve_model_dir(builtin_model_dir() if args.model == "builtin" else args.model)
     config = MambaConfig.from_pretrained(folder)
     params = {k: np.array(v, dtype=np.float32) for k, v in load_state_dict(folder, config).items()}
     tokenizer = data.load_tokenizer(args.tokenizer or folder)

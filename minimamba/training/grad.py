@@ -65,7 +65,7 @@ class TrainingModel:
                 scan = "numba"
             except ImportError:
                 if scan == "numba":
-                    raise ImportError("scan='numba' needs numba: pip install 'minimamba[fast]'") from None
+                    raise ImportError("scan='numba' needs numba: pip install numba (from the repository: pip install -e '.[fast]')") from None
                 scan = "numpy"
         self.scan = scan
         self.scan_chunk = scan_chunk

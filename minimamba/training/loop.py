@@ -75,6 +75,16 @@ class Progress:
         self.stream.flush()
 
 
+_START = time.perf_counter()
+
+
+def stage(text, stream=None):
+    """A line on stderr before each slow step, timed from the start, so a run is never silent."""
+    stream = stream or sys.stderr
+    stream.write(f"[{time.perf_counter() - _START:6.1f} s] {text} ...\n")
+    stream.flush()
+
+
 def evaluate(model, val_ids, batch_size, seq_len, max_batches) -> float:
     """Mean validation loss over the fixed held-out windows (token-weighted)."""
     total, count = 0.0, 0
@@ -107,6 +117,9 @@ def run(model, train_ids, val_ids, opts: LoopOptions, out_dir, save_checkpoint, 
         progress.message(f"already at step {state['step']} of {opts.steps}: nothing to do")
     window_t, window_tokens = time.perf_counter(), 0
     loss = float("nan")
+    if state["step"] < opts.steps:
+        stage(f"step {state['step'] + 1} of {opts.steps} ({tokens_per_step:,} tokens a step; the first also loads "
+              "the Numba kernels, compiling them on a first run)", stream)
     while state["step"] < opts.steps:
         t0 = time.perf_counter()
         step = state["step"]

@@ -13,47 +13,52 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
-from .loop import LoopOptions, has_checkpoint, run
+from ..helpfmt import DefaultsHelpFormatter
+from .loop import LoopOptions, has_checkpoint, run, stage
 
 
 def add_train_parser(sub):
-    p = sub.add_parser("train", help="train a Mamba language model from scratch on a text file (NumPy, no PyTorch)")
-    p.add_argument("--text", required=True, help="UTF-8 text file to train on (5%% is held out for validation)")
+    p = sub.add_parser("train", help="train a Mamba language model from scratch on a text file (NumPy, no PyTorch)",
+                       description=__doc__.split("\n\n")[0].replace("`", ""), formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--text", required=True, help="UTF-8 text file to train on")
     p.add_argument("--out", required=True, help="output folder for checkpoints")
-    p.add_argument("--tokenizer", help="an existing tokenizer.json (or a folder holding one); default: "
-                                       "train a byte-level BPE on the training text")
+    p.add_argument("--tokenizer", help="an existing tokenizer.json (or a folder holding one) "
+                                       "(default: train a byte-level BPE on the training text)")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size when training a tokenizer")
     p.add_argument("--hidden-size", type=int, default=256, help="d, the residual width")
     p.add_argument("--layers", type=int, default=4, help="number of Mamba blocks")
     p.add_argument("--state-size", type=int, default=16, help="n, the SSM state per channel")
     p.add_argument("--expand", type=int, default=2, help="e = expand * d")
-    p.add_argument("--conv-kernel", type=int, default=4)
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--conv-kernel", type=int, default=4, help="k, the causal conv's width")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of the text held out for validation")
     _add_loop_args(p)
     p.set_defaults(func=cmd_train)
 
 
 def _add_loop_args(p):
     d = LoopOptions()
-    p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (time one with --stop-after 5 first)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup", type=int, default=d.warmup,
+                   help="linear warmup steps (a warmup longer than --steps is cut to a tenth of the run)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW's decoupled weight decay")
     p.add_argument("--clip", type=float, default=d.clip, help="max global gradient norm (0: no clipping)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validation losses")
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="batches per validation loss")
     p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-minutes", type=float, default=0.0, help="stop (with a checkpoint) after this long")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines when not on a terminal")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights, batches and dropout")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop (with a checkpoint) after this long (0: no limit)")
     p.add_argument("--stop-after", type=int, default=0,
-                   help="stop (with a checkpoint) after this step; the schedule still plans for --steps")
+                   help="stop (with a checkpoint) after this step; the schedule still plans for --steps (0: off)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 
 
@@ -70,6 +75,11 @@ def loop_options(args) -> LoopOptions:
         raise ValueError("--seq-len must be at least 2 (a next-token loss needs two tokens)")
     if not opts.lr > 0:
         raise ValueError(f"--lr must be positive, got {opts.lr}")
+    if opts.warmup > opts.steps:  # the run would end before the learning rate reached its peak
+        warmup = opts.steps // 10
+        print(f"warning: --warmup {opts.warmup} is longer than the run (--steps {opts.steps}); using {warmup} "
+              "warmup steps (a tenth of the run), so the learning rate reaches its peak", file=sys.stderr)
+        opts.warmup = warmup
     return opts
 
 
@@ -92,6 +102,7 @@ def cmd_train(args):
 
     opts = loop_options(args)
     check_out_dir(args.out, args.resume)
+    stage(f"reading {args.text}")
     text = data.read_text(args.text)
     train_text, val_text = data.split_text(text, args.val_fraction)
     if args.resume:
@@ -102,6 +113,7 @@ def cmd_train(args):
         if args.tokenizer:
             tokenizer = data.load_tokenizer(args.tokenizer)
         else:
+            stage(f"training a {args.vocab_size}-token BPE tokenizer on {len(train_text):,} characters")
             tokenizer = data.train_tokenizer(train_text, args.vocab_size)
         vocab = tokenizer.get_vocab_size()
         eos = tokenizer.token_to_id(data.EOS_TOKEN)
@@ -112,6 +124,7 @@ def cmd_train(args):
                              pad_token_id=eos if eos is not None else 0)
         params = init_weights(config, seed=args.seed)
     params = {k: np.array(v, dtype=np.float32) for k, v in params.items()}  # writable float32 copies
+    stage("encoding the text")
     train_ids = data.encode(tokenizer, train_text)
     val_ids = data.encode(tokenizer, val_text)
     if train_ids.max(initial=0) >= config.vocab_size:
