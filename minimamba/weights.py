@@ -23,7 +23,7 @@ import numpy as np
 
 from .atomic import atomic_write
 from .config import MambaConfig
-from .errors import CheckpointError, parse_json, shown
+from .errors import CheckpointError, parse_json, read_json_file, shown
 
 __all__ = ["CheckpointError", "read_safetensors", "read_checkpoint", "write_safetensors", "load_state_dict",
            "save_pretrained", "resolve_model_dir"]
@@ -212,11 +212,7 @@ def check_shard_name(shard, index) -> str:
 
 def read_index(index) -> dict[str, str]:
     """The weight_map {tensor name: shard file name} of a model.safetensors.index.json, checked."""
-    with _open_for_reading(index, "shard index") as f:
-        raw = f.read(MAX_INDEX_BYTES + 1)
-    if len(raw) > MAX_INDEX_BYTES:
-        raise CheckpointError(f"{index}: larger than {MAX_INDEX_BYTES:,} bytes; not a shard index")
-    data = parse_json(raw, index, "shard index")
+    data = read_json_file(index, "shard index", limit=MAX_INDEX_BYTES)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: needs a non-empty \"weight_map\" object {{tensor name: shard file}}")
