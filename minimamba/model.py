@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import get_backend, resolve_dtype
-from .cache import MambaCache
+from .cache import MambaCache, cache_in_use
 from .config import MambaConfig
 from .impl import resolve_impl
 from .ops import array_module, linear
@@ -153,11 +153,14 @@ class _Pretrained:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype="float32", backend="numpy", impl=None,
-                        revision=None, cache_dir=None):
-        """Load a checkpoint folder or Hub repo (e.g. "state-spaces/mamba-130m-hf")."""
+                        revision=None, cache_dir=None, allow_non_finite=False):
+        """Load a checkpoint folder or Hub repo (e.g. "state-spaces/mamba-130m-hf").
+
+        NaN or infinite weights are refused, naming the tensor, unless `allow_non_finite=True`.
+        """
         folder = resolve_model_dir(path_or_repo_id, revision=revision, cache_dir=cache_dir)
         config = MambaConfig.from_pretrained(folder)
-        state_dict = load_state_dict(folder, config)
+        state_dict = load_state_dict(folder, config, allow_non_finite=allow_non_finite)
         model = cls(config, dtype=dtype, backend=backend, impl=impl, init=False)
         model.load_state_dict({name[len(cls.prefix):]: value for name, value in state_dict.items()
                                if name.startswith(cls.prefix)})
@@ -238,6 +241,11 @@ class MambaModel(_Pretrained):
 
     def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache_params=None,
                  use_cache=False, output_hidden_states=False):
+        with cache_in_use(cache_params):  # a cache shared by two calls at once raises, not corrupts
+            return self._forward(input_ids, inputs_embeds, attention_mask, cache_params, use_cache,
+                                 output_hidden_states)
+
+    def _forward(self, input_ids, inputs_embeds, attention_mask, cache_params, use_cache, output_hidden_states):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -315,6 +323,8 @@ class MambaForCausalLM(_Pretrained):
     def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache_params=None,
                  use_cache=False, output_hidden_states=False, labels=None, logits_to_keep=0):
         """logits (b, l, V); `logits_to_keep=1` computes them for the last position only."""
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an integer >= 0 (0: every position), got {logits_to_keep!r}")
         outputs = self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                 cache_params=cache_params, use_cache=use_cache,
                                 output_hidden_states=output_hidden_states)
@@ -351,8 +361,10 @@ def check_input_ids(input_ids, vocab_size):
         raise ValueError(f"input_ids must have shape (batch, length), got {ids.shape}")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"input_ids is empty (shape {ids.shape}); give at least one token per row")
+    if ids.dtype == np.bool_ or not (np.issubdtype(ids.dtype, np.integer) or np.issubdtype(ids.dtype, np.floating)):
+        raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")  # a boolean mask is not token ids
     if not np.issubdtype(ids.dtype, np.integer):
-        if ids.dtype == object or not np.all(np.equal(np.mod(ids, 1), 0)):
+        if not np.all(np.equal(np.mod(ids, 1), 0)):  # whole floats (1.0) are taken as ids; 1.5, NaN are not
             raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
         ids = ids.astype(np.int64)
     bad = (ids < 0) | (ids >= vocab_size)
