@@ -44,15 +44,6 @@ class MambaCache:
         finally:
             self._lock.release()
 
-    def __getstate__(self):  # a lock cannot be pickled or deep-copied; the copy gets its own
-        state = dict(self.__dict__)
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
     def update_conv_state(self, layer_idx: int, new_conv_state):
         self.conv_states[layer_idx][...] = new_conv_state
         return self.conv_states[layer_idx]
