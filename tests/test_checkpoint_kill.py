@@ -188,3 +188,33 @@ def test_a_damaged_checkpoint_file_is_named_on_resume(forkserver, tmp_path, refe
     err = capsys.readouterr().err
     print(err)
     assert "optimizer.safetensors does not match the checkpoint of step 2" in err
+
+
+FINETUNE = ["finetune", "--text", TEXT, "--steps", "2", "--save-every", "1", "--eval-every", "0", "--seq-len", "16",
+            "--batch-size", "2", "--log-every", "1", "--warmup", "1", "--lora-r", "2"]
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "tokenizer.json")
+
+
+def test_finetune_killed_while_saving_its_adapter_resumes_bit_exactly(forkserver, tmp_path):
+    from minimamba import BUILTIN_MODEL_DIR
+
+    def finetune(out, *extra, env=None):
+        proc = forkserver.Process(target=_child, args=([*FINETUNE, "--model", BUILTIN_MODEL_DIR, "--out", str(out),
+                                                        *extra], env or {}))
+        proc.start()
+        proc.join()
+        return proc.exitcode
+
+    log = str(tmp_path / "points")
+    assert finetune(tmp_path / "reference", env={KILL_AT_ENV: "-1", KILL_LOG_ENV: log}) == 0
+    with open(log) as f:
+        points = [line.split(" ", 1)[1].strip() for line in f]
+    per_save = len(points) // 2
+    expected = {name: (tmp_path / "reference" / name).read_bytes() for name in ADAPTER_FILES}
+    for label in ("write adapter_model.safetensors", "move adapter_model.safetensors"):  # before, after the commit
+        at = per_save + points[per_save:].index(label) + 1  # in the second save
+        out = tmp_path / f"at{at}"
+        assert finetune(out, env={KILL_AT_ENV: str(at)}) == -signal.SIGKILL
+        assert finetune(out, "--resume") == 0, label
+        differ = [n for n in ADAPTER_FILES if (out / n).read_bytes() != expected[n]]
+        assert not differ, f"killed at {label!r}: {differ} differ from the uninterrupted run"
