@@ -22,7 +22,11 @@ from .bench import _bench_model, _rss_bytes, peak_rss, reset_peak_rss
 
 
 def soak_decode(model, tokens, window=1000, seed=0):
-    """Greedy decoding of `tokens` tokens, one at a time through one cache: [(tokens so far, tok/s, RSS MB)]."""
+    """Greedy decoding of `tokens` tokens, one at a time through one cache.
+
+    Returns [(tokens so far, tok/s by the wall clock, tok/s per CPU-second of this process, RSS MB)] per
+    window; the CPU-time rate is the steadier one on a shared machine.
+    """
     from .cache import MambaCache
 
     rng = np.random.default_rng(seed)
@@ -33,14 +37,14 @@ def soak_decode(model, tokens, window=1000, seed=0):
         if warm_up:
             for _ in range(20):
                 logits = model(np.asarray(logits)[:, -1].argmax(-1)[:, None], cache_params=cache, use_cache=True).logits
-    rows, t = [], time.perf_counter()
+    rows, t, cpu = [], time.perf_counter(), time.process_time()
     for i in range(1, tokens + 1):
         token = np.asarray(logits)[:, -1].argmax(-1)[:, None]  # (1, 1)
         logits = model(token, cache_params=cache, use_cache=True).logits  # (1, 1, V)
         if i % window == 0:
-            now = time.perf_counter()
-            rows.append((i, window / (now - t), (_rss_bytes("VmRSS") or 0) / 1e6))
-            t = now
+            now, now_cpu = time.perf_counter(), time.process_time()
+            rows.append((i, window / (now - t), window / max(now_cpu - cpu, 1e-9), (_rss_bytes("VmRSS") or 0) / 1e6))
+            t, cpu = now, now_cpu
     return rows
 
 
@@ -83,14 +87,15 @@ def main(argv=None):
     print(f"model {source}: {model.num_parameters():,} parameters, impl {args.impl or 'auto'}")
     if args.decode:
         rows = soak_decode(model, args.decode, args.window)
-        speeds = [r[1] for r in rows]
         print(f"decode {args.decode:,} tokens, one cache, windows of {args.window}:")
-        for i, speed, rss in sorted(set(rows[:2] + rows[len(rows) // 2:len(rows) // 2 + 1] + rows[-2:])):
-            print(f"  after {i:>7,} tokens  {speed:8.0f} tok/s  RSS {rss:8.1f} MB")
-        print(f"  tok/s: first window {speeds[0]:.0f}, last {speeds[-1]:.0f}, median {np.median(speeds):.0f}, "
-              f"min {min(speeds):.0f}, max {max(speeds):.0f}; last/first {speeds[-1] / speeds[0]:.2f}")
-        print(f"  RSS: {rows[0][2]:.1f} MB after the first window, {rows[-1][2]:.1f} MB at the end "
-              f"({rows[-1][2] - rows[0][2]:+.1f} MB over {args.decode - args.window:,} tokens)")
+        for i, speed, cpu_speed, rss in sorted(set(rows[:2] + rows[len(rows) // 2:len(rows) // 2 + 1] + rows[-2:])):
+            print(f"  after {i:>7,} tokens  {speed:8.0f} tok/s  {cpu_speed:8.0f} tok/CPU-s  RSS {rss:8.1f} MB")
+        for column, name in ((1, "tok/s"), (2, "tok/CPU-s")):
+            v = [r[column] for r in rows]
+            print(f"  {name}: first window {v[0]:.0f}, last {v[-1]:.0f}, median {np.median(v):.0f}, min {min(v):.0f}, "
+                  f"max {max(v):.0f}; last/first {v[-1] / v[0]:.2f}")
+        print(f"  RSS: {rows[0][3]:.1f} MB after the first window, {rows[-1][3]:.1f} MB at the end "
+              f"({rows[-1][3] - rows[0][3]:+.1f} MB over {args.decode - args.window:,} tokens)")
     if args.prefill:
         result = soak_prefill(model, args.prefill)
         for how, (peak, speed, _) in result.items():
