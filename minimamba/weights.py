@@ -9,6 +9,13 @@ The safetensors format: 8 bytes (little-endian u64) giving the header's size N,
 N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the
 raw little-endian data. We read it ourselves so that bfloat16 loads without
 torch and a truncated or corrupt file gets an error that says so.
+
+The folder may come from a stranger. Every header is validated in full before
+any tensor is made (`read_safetensors_header`), shard names in an index must be
+plain file names inside the folder (symlinks, as in the Hub cache, still load),
+each tensor is read into its own array (memory follows the declared tensors,
+not the file), and messages never echo a file's bytes. Files are written
+atomically (`write_safetensors`: temp file, fsync, rename).
 """
 
 from __future__ import annotations
