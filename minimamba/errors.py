@@ -7,6 +7,8 @@ the bytes found: a hostile file's contents are never echoed back.
 """
 
 import json
+import os
+import stat
 
 
 class CheckpointError(ValueError):
@@ -43,20 +45,35 @@ def parse_json(raw: bytes, path, what):
         raise CheckpointError(f"{path}: corrupt {what}: nested too deeply") from None
 
 
+def open_regular_file(path, what):
+    """`open(path, "rb")` for a regular file (a symlink to one is fine); every fault a CheckpointError naming it.
+
+    A FIFO or a device (a hostile folder's `config.json -> /dev/zero`) would block or
+    never end: refused before opening. A missing file stays a FileNotFoundError.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the {what} ({err.strerror or type(err).__name__})") from None
+    if stat.S_ISDIR(mode):
+        raise CheckpointError(f"{path}: is a folder, expected a {what}")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: is not a regular file (a pipe or a device?), expected a {what}")
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot open the {what} ({err.strerror or type(err).__name__})") from None
+
+
 def read_json_file(path, what, limit=10_000_000):
     """A small JSON file (config, index, adapter config) read with a size bound; every fault a CheckpointError.
 
     A missing file stays a FileNotFoundError (callers say what to do about it).
     """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(limit + 1)
-    except FileNotFoundError:
-        raise
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a folder, expected a {what}") from None
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read the {what} ({err.strerror or type(err).__name__})") from None
+    with open_regular_file(path, what) as f:
+        raw = f.read(limit + 1)
     if len(raw) > limit:
         raise CheckpointError(f"{path}: larger than {limit:,} bytes; not a {what}")
     return parse_json(raw, path, what)

@@ -30,7 +30,7 @@ import numpy as np
 
 from .atomic import atomic_write
 from .config import MambaConfig
-from .errors import CheckpointError, parse_json, read_json_file, shown
+from .errors import CheckpointError, open_regular_file, parse_json, read_json_file, shown
 
 __all__ = ["CheckpointError", "read_safetensors", "read_checkpoint", "write_safetensors", "load_state_dict",
            "save_pretrained", "resolve_model_dir"]
@@ -92,13 +92,11 @@ class TensorEntry(NamedTuple):
 
 
 def _open_for_reading(path, what):
-    """`open(path, "rb")`, every OSError turned into a CheckpointError that names the file."""
+    """`open(path, "rb")` of a regular file; a missing one, a folder, a pipe or a device is a CheckpointError."""
     try:
-        return open(path, "rb")  # noqa: SIM115 - the caller closes it
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a folder, expected a {what}") from None
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot open the {what} ({err.strerror or type(err).__name__})") from None
+        return open_regular_file(path, what)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: cannot open the {what} (No such file or directory)") from None
 
 
 def _non_negative_int(value) -> bool:
@@ -197,6 +195,8 @@ def _read_entries(path, f, start, entries) -> dict[str, np.ndarray]:
                                   "while being read?)")
         if e.dtype == "BF16":
             array = bf16_to_f32(array)
+        elif e.dtype == "BOOL" and (array.view(np.uint8) > 1).any():
+            raise CheckpointError(f"{path}: tensor {shown(e.name)} is BOOL but holds bytes other than 0 and 1")
         tensors[e.name] = array.astype(array.dtype.newbyteorder("="), copy=False)
     return tensors
 

@@ -225,3 +225,25 @@ def test_unreadable_paths_are_named(tmp_path):
         read_safetensors(tmp_path)
     with pytest.raises(CheckpointError, match="cannot open the safetensors file"):
         read_safetensors(tmp_path / "missing.safetensors")
+
+
+def test_pipes_and_devices_are_refused_not_read(tmp_path):
+    """A FIFO would block open() forever; /dev/zero would never end."""
+    folder = copy_fixture("odd", tmp_path)
+    os.remove(folder / "config.json")
+    os.mkfifo(folder / "config.json")
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        MambaForCausalLM.from_pretrained(folder)
+    os.remove(folder / "config.json")
+    os.symlink("/dev/zero", folder / "config.json")
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        MambaForCausalLM.from_pretrained(folder)
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        read_safetensors("/dev/zero")
+
+
+def test_bool_tensors_hold_only_0_and_1(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(raw_file({"b": entry("BOOL", [3], 0, 3)}, b"\x00\x01\x02"))
+    with pytest.raises(CheckpointError, match="holds bytes other than 0 and 1"):
+        read_safetensors(path)
