@@ -5,12 +5,20 @@ norm, projections, conv, scan, gates), each a few microseconds of GPU work
 behind tens of microseconds of Python. Capturing the step once through CuPy's
 stream capture and replaying the graph submits all of them in one call.
 
-NOTE: CuPy (13, 14) refuses any cuBLAS call while a stream is capturing
-("calling cuBLAS API during stream capture is currently unsupported"), so the
-model's own `@` cannot be captured. `decode_logits` is therefore the decode
-step written out with `minimamba.kernels.cuda.linear` (a Numba kernel) for the
-projections, the CUDA conv and state-update kernels, and CuPy elementwise ops
-and reductions; tests/gpu checks it against the model's own decode step.
+NOTE: why `decode_logits` is a second copy of the block's arithmetic (model.py
+has the first). A captured CUDA graph replays fixed device work, so the step it
+captures must (1) read and write fixed buffers: the tokens come from
+`step.tokens` and the logits land in `step.logits`, where the model's call takes
+host ids and returns new arrays; (2) never synchronise with the host: the
+model's call checks the token ids on the host (a device-to-host copy), which
+capture forbids; (3) make no cuBLAS call: CuPy (13, 14) refuses one while a
+stream is capturing ("calling cuBLAS API during stream capture is currently
+unsupported"), so the model's `ops.linear` (`x @ W.T`) cannot be captured.
+`decode_logits` is therefore the decode step written out with
+`minimamba.kernels.cuda.linear` (a Numba kernel) for the projections, the CUDA
+conv and state-update kernels, and CuPy elementwise ops and reductions, on
+device arrays only. tests/gpu checks it against the model's own decode step
+(logits and cache), so the two copies cannot drift apart unnoticed.
 
     step = GraphDecodeStep(model, cache)        # after a prefill into `cache`
     logits = step(next_tokens)                  # (b, V), advances the cache by one token

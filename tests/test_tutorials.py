@@ -22,7 +22,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # what a tutorial may import: the public API, NumPy, matplotlib and the standard library
 ALLOWED_IMPORTS = {"minimamba", "minimamba.ops", "numpy", "matplotlib", "matplotlib.pyplot",
                    "os", "sys", "time", "math", "pathlib", "json", "struct", "tempfile",
-                   "numba", "minimamba.kernels.cuda"}  # tutorial 6: the CUDA kernel under the simulator
+                   "numba", "minimamba.kernels.cuda",  # tutorials 6, 7: the CUDA kernels under the simulator
+                   "minimamba.training.backward", "tracemalloc", "importlib.util",  # tutorial 8: the backward
+                   "_common"}  # tutorials/_common.py: check(), save() and the figure folder, shared by all
 BUILTIN_WEIGHTS = TUTORIALS_DIR.parent / "minimamba" / "builtin" / "model.safetensors"
 
 
@@ -40,7 +42,7 @@ def test_tutorial_runs(path, tmp_path):
     if "BUILTIN_MODEL_DIR" in path.read_text(encoding="utf-8") and not BUILTIN_WEIGHTS.is_file():
         pytest.skip(f"{path.name} runs on the built-in model and {BUILTIN_WEIGHTS} is absent")
     if "NUMBA_ENABLE_CUDASIM" in path.read_text(encoding="utf-8"):
-        pytest.importorskip("numba", reason="tutorial 6 runs the CUDA kernel in Numba's simulator (the fast extra)")
+        pytest.importorskip("numba", reason=f"{path.name} runs CUDA kernels in Numba's simulator (the fast extra)")
     figures = tmp_path / "figures"
     env = dict(os.environ, MPLBACKEND="Agg", MINIMAMBA_FIGURES_DIR=str(figures), OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1")

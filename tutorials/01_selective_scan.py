@@ -30,44 +30,17 @@
 # numerical traps (exp underflow, the unstable "closed form", float32 error growth).
 #
 # Every check prints the largest error and asserts a tolerance; a comment says why
-# that tolerance.
+# that tolerance. `check` and `save` (write a figure) are the few lines of
+# `tutorials/_common.py`, shared by all the tutorials.
 
 # %%
-import os
-import sys
-from pathlib import Path
-
-import matplotlib
-
-if "ipykernel" not in sys.modules:  # a script or the test suite: draw to files only
-    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
 from minimamba.ops import selective_scan_fn, selective_scan_ref, silu, softplus
+from _common import EPS32, EPS64, check, save  # tutorials/_common.py: the figure folder, check(), save()
 
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-FIGURES = Path(os.environ.get("MINIMAMBA_FIGURES_DIR", HERE / "figures"))
-FIGURES.mkdir(parents=True, exist_ok=True)
-EPS64 = np.finfo(np.float64).eps  # 2.2e-16
-EPS32 = np.finfo(np.float32).eps  # 1.2e-07
 rng = np.random.default_rng(0)
-
-
-def check(name, got, want, rtol):
-    """Print the max abs / rel error of `got` against `want`; fail if rel > rtol (relative to max |want|)."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    err = float(np.max(np.abs(got - want)))
-    rel = err / max(float(np.max(np.abs(want))), 1e-300)
-    print(f"{name:<46} max abs err {err:.1e}   rel {rel:.1e}   (tol {rtol:.0e})")
-    assert rel <= rtol, f"{name}: relative error {rel:.2e} > {rtol:.0e}"
-
-
-def save(fig, name):
-    fig.savefig(FIGURES / name, dpi=110, bbox_inches="tight")
-    print("saved", FIGURES / name)
-    if "ipykernel" not in sys.modules:
-        plt.close(fig)
 
 
 # %% [markdown]
@@ -175,13 +148,50 @@ save(fig, "01_dt_small_vs_large.png")
 # token $s$ is weighted by how much `dt` has passed since. Written as an $l \times l$
 # lower-triangular matrix this is the whole scan as one matrix product (the view Mamba-2
 # builds on). It must agree with the loop, here with the input-dependent `dt`.
+#
+# **Mask before the exp.** Above the diagonal ($s > t$) the exponent $a (S_t - S_s)$ is
+# *positive* and grows with the distance, so `exp` of the full matrix overflows on long
+# inputs even though `tril` throws those entries away afterwards. Mask first: put
+# $-\infty$ above the diagonal, where $e^{-\infty} = 0$ is exactly the zero we want
+# (mamba_ssm's `ssd_minimal.segsum` does the same with `masked_fill(~mask, -inf)`).
 
 # %%
-S = np.cumsum(dt_selective)  # (l,)
-decay = np.tril(np.exp(a * (S[:, None] - S[None, :])))  # (l, l): weight of token s in the state at t
-y_matrix = decay @ (dt_selective * x)  # (l,)
+def decay_matrix(dt, a):
+    """(l, l): entry [t, s] = exp(a (S_t - S_s)) for s <= t, 0 above the diagonal; masked before the exp."""
+    S = np.cumsum(dt)  # (l,)
+    causal = np.tril(np.ones((len(dt), len(dt)), dtype=bool))  # (l, l)
+    return np.exp(np.where(causal, a * (S[:, None] - S[None, :]), -np.inf))  # (l, l)
+
+
+y_matrix = decay_matrix(dt_selective, a) @ (dt_selective * x)  # (l,)
 # S_t - S_s subtracts two sums of <= 80 terms of size <= 3: abs error ~ 80 * 3 * eps64, tiny.
 check("loop vs matrix form (selective dt)", y_selective, y_matrix, rtol=1e3 * EPS64)
+
+# %% [markdown]
+# The trap, in float32 on 400 tokens of `dt = 0.3` (a = -1): $S_{399} = 120$, and
+# $e^{120}$ is far beyond float32's largest number ($3.4 \times 10^{38} \approx e^{88.7}$).
+# Exp-then-mask meets `inf` above the diagonal; `np.tril` happens to replace them with
+# zeros, but the equally natural `causal * exp(...)` makes $0 \cdot \infty$ = NaN, and so
+# would the gradient of either form in an autodiff framework. Mask-then-exp never
+# creates an `inf`.
+
+# %%
+l_long = 400
+dt_long = np.full(l_long, 0.3, dtype=np.float32)  # (l,)
+x_long = rng.normal(size=l_long).astype(np.float32)  # (l,)
+S_long = np.cumsum(dt_long)  # (l,) float32
+causal_long = np.tril(np.ones((l_long, l_long), dtype=bool))  # (l, l)
+with np.errstate(over="ignore", invalid="ignore"):
+    exp_first = np.exp(np.float32(a) * (S_long[:, None] - S_long[None, :]))  # (l, l): inf above the diagonal
+    y_exp_then_mask = (causal_long * exp_first) @ (dt_long * x_long)  # (l,)
+y_mask_then_exp = decay_matrix(dt_long, np.float32(a)) @ (dt_long * x_long)  # (l,) float32
+print(f"exp before the mask: {np.isinf(exp_first).sum()} inf entries, "
+      f"{np.isnan(y_exp_then_mask).sum()} of {l_long} outputs NaN")
+assert np.isinf(exp_first).any() and np.isnan(y_exp_then_mask).any()
+y_long64 = scan_1d(x_long.astype(np.float64), dt_long.astype(np.float64), a, np.ones(l_long), np.ones(l_long))
+# float32 with memory ~1/0.3 steps: a few eps32 per step over ~3 steps of memory, plus the float32
+# differences S_t - S_s of sums up to 120 (abs error ~ 120 * eps32 in the exponent): ~1e-5 allowed
+check("mask then exp, float32, 400 tokens vs float64 loop", y_mask_then_exp, y_long64, rtol=1e-4)
 
 # %% [markdown]
 # ## 3. Vectorised over channels and states
@@ -329,7 +339,8 @@ check("Blelloch scan vs loop", y_blelloch, y_vec, rtol=100 * EPS64)
 # into **chunks**, scans inside each chunk in parallel, and carries the last state of a
 # chunk into the next (mamba_ssm's kernel does this with 2048-token chunks, and
 # `minimamba.ops.selective_scan_fn` works chunk by chunk too, to bound memory).
-# The associative operator is what makes any of these orderings correct.
+# The associative operator is what makes any of these orderings correct; tutorial 7
+# builds the chunked form and maps it onto the library's CUDA kernels.
 #
 # ## 5. Numerical caveats
 #

@@ -27,43 +27,15 @@
 # conv_kernel, `r` time_step_rank, `V` vocab_size.
 
 # %%
-import os
-import sys
-from pathlib import Path
-
 import matplotlib
-
-if "ipykernel" not in sys.modules:  # a script or the test suite: draw to files only
-    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
 from minimamba import MambaConfig, MambaForCausalLM
 from minimamba.ops import causal_conv1d_fn, rms_norm, selective_scan_fn
+from _common import EPS32, EPS64, check, save  # tutorials/_common.py: the figure folder, check(), save()
 
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-FIGURES = Path(os.environ.get("MINIMAMBA_FIGURES_DIR", HERE / "figures"))
-FIGURES.mkdir(parents=True, exist_ok=True)
-EPS64 = np.finfo(np.float64).eps  # 2.2e-16
-EPS32 = np.finfo(np.float32).eps  # 1.2e-07
 rng = np.random.default_rng(0)
-
-
-def check(name, got, want, rtol):
-    """Print the max abs / rel error of `got` against `want`; fail if rel > rtol (relative to max |want|)."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    err = float(np.max(np.abs(got - want)))
-    rel = err / max(float(np.max(np.abs(want))), 1e-300)
-    print(f"{name:<44} max abs err {err:.1e}   rel {rel:.1e}   (tol {rtol:.0e})")
-    assert rel <= rtol, f"{name}: relative error {rel:.2e} > {rtol:.0e}"
-
-
-def save(fig, name):
-    fig.savefig(FIGURES / name, dpi=110, bbox_inches="tight")
-    print("saved", FIGURES / name)
-    if "ipykernel" not in sys.modules:
-        plt.close(fig)
 
 
 def silu(v):
@@ -156,8 +128,10 @@ A = -np.exp(W["mixer.A_log"])  # (e, n)
 assert dt.min() > 0 and A.max() < 0
 
 # %% [markdown]
-# **The scan** (tutorial 1), in the block's layout (b, l, e, n) instead of the kernel's
-# (b, e, l), then the skip connection `D * x`.
+# **The scan** (tutorial 1) in the block's layout, time before channels: `x` and `dt` are
+# (b, l, e) and `B`, `C` (b, l, n), where the kernel's layout is (b, e, l) and (b, n, l).
+# The state `h` is (b, e, n); only the current step's is kept. Then the skip
+# connection `D * x`.
 
 # %%
 h = np.zeros((b, e, n))  # (b, e, n): the state, n numbers per channel

@@ -30,46 +30,21 @@
 
 # %%
 import json
-import os
 import struct
 import sys
 import tempfile
 from pathlib import Path
 
-import matplotlib
-
-if "ipykernel" not in sys.modules:  # a script or the test suite: draw to files only
-    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
 import minimamba
 from minimamba import MambaConfig, MambaForCausalLM, Tokenizer
+from _common import check, save  # tutorials/_common.py: the figure folder, check(), save()
 
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-FIGURES = Path(os.environ.get("MINIMAMBA_FIGURES_DIR", HERE / "figures"))
-FIGURES.mkdir(parents=True, exist_ok=True)
-EPS32 = np.finfo(np.float32).eps  # 1.2e-07
 MODEL_DIR = Path(minimamba.BUILTIN_MODEL_DIR)
 if not (MODEL_DIR / "model.safetensors").is_file():
     sys.exit(f"this tutorial reads the built-in model, and {MODEL_DIR} has no model.safetensors")
-
-
-def check(name, got, want, rtol):
-    """Print the max abs / rel error of `got` against `want`; fail if rel > rtol (relative to max |want|)."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    err = float(np.max(np.abs(got - want)))
-    rel = err / max(float(np.max(np.abs(want))), 1e-300)
-    print(f"{name:<48} max abs err {err:.1e}   rel {rel:.1e}   (tol {rtol:.0e})")
-    assert rel <= rtol, f"{name}: relative error {rel:.2e} > {rtol:.0e}"
-
-
-def save(fig, name):
-    fig.savefig(FIGURES / name, dpi=110, bbox_inches="tight")
-    print("saved", FIGURES / name)
-    if "ipykernel" not in sys.modules:
-        plt.close(fig)
 
 
 # %% [markdown]

@@ -25,46 +25,26 @@
 # its size does not depend on how many tokens came before, where a transformer's
 # key/value cache grows with every token. Memory is computed from the shapes; time per
 # token is measured, for Mamba and for a small NumPy transformer of the same width.
+#
+# "Parallel" here means *one call for the whole sequence*, not parallel in time: the
+# projections and the conv are array operations over all `l` tokens at once, but the
+# scan inside `selective_scan_fn` still loops over time, one vectorised step (over
+# batch, channels and states) per token. Parallel-in-time scans exist — a tree
+# (tutorial 1's Blelloch scan) or chunks (tutorial 7) — and that is what GPU kernels run.
 
 # %%
 import os
-import sys
 import time
-from pathlib import Path
 
 import matplotlib
-
-if "ipykernel" not in sys.modules:  # a script or the test suite: draw to files only
-    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
 from minimamba import MambaCache, MambaConfig, MambaForCausalLM
 from minimamba.ops import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
+from _common import EPS32, EPS64, check, save  # tutorials/_common.py: the figure folder, check(), save()
 
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-FIGURES = Path(os.environ.get("MINIMAMBA_FIGURES_DIR", HERE / "figures"))
-FIGURES.mkdir(parents=True, exist_ok=True)
-EPS64 = np.finfo(np.float64).eps  # 2.2e-16
-EPS32 = np.finfo(np.float32).eps  # 1.2e-07
 rng = np.random.default_rng(0)
-
-
-def check(name, got, want, rtol):
-    """Print the max abs / rel error of `got` against `want`; fail if rel > rtol (relative to max |want|)."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    err = float(np.max(np.abs(got - want)))
-    rel = err / max(float(np.max(np.abs(want))), 1e-300)
-    print(f"{name:<50} max abs err {err:.1e}   rel {rel:.1e}   (tol {rtol:.0e})")
-    assert rel <= rtol, f"{name}: relative error {rel:.2e} > {rtol:.0e}"
-
-
-def save(fig, name):
-    fig.savefig(FIGURES / name, dpi=110, bbox_inches="tight")
-    print("saved", FIGURES / name)
-    if "ipykernel" not in sys.modules:
-        plt.close(fig)
 
 
 # %% [markdown]
@@ -98,6 +78,53 @@ for t in range(l):
 # float64, identical arithmetic per step: agreement to a few roundings
 check("conv + scan step by step vs whole sequence", scan_steps, scan_parallel, rtol=100 * EPS64)
 assert np.array_equal(conv_state[:, :, -1], x[:, :, -1])  # the conv state ends with the newest input
+
+# %% [markdown]
+# **Why not a convolution, as in S4?** A time-invariant SSM (S4: `dt`, `B`, `C` fixed)
+# has a third mode: unrolled, $y_t = \sum_{s \le t} K_{t-s}\, x_s$ with one kernel
+# $K_j = C\, e^{j \Delta A}\, \Delta B$, so the whole layer is a causal convolution that
+# an FFT computes in $O(l \log l)$, fully parallel. Mamba has no such mode: its `dt`,
+# `B` and `C` depend on the token, so the weight of token $s$ in output $t$,
+# $M_{ts} = C_t\, e^{A (S_t - S_s)}\, \Delta_s B_s$ (with $S_t = \sum_{j \le t} \Delta_j$),
+# depends on $t$ and $s$ themselves, not only on their distance $t - s$. A convolution
+# matrix is constant along each diagonal (Toeplitz); below, the LTI matrix is, Mamba's
+# is not. (This is why the selective scan needed its own hardware-aware algorithm,
+# Section 3.3 of the paper.)
+
+# %%
+def token_mixing_matrix(dt, A_c, B_c, C_c):
+    """(l, l): M[t, s] = sum_n C_c[n, t] exp(A_c[n] (S_t - S_s)) dt[s] B_c[n, s] for s <= t, else 0."""
+    S = np.cumsum(dt)  # (l,)
+    causal = np.tril(np.ones((len(dt), len(dt)), dtype=bool))  # (l, l)
+    gap = np.where(causal, S[:, None] - S[None, :], np.inf)  # (l, l): inf above the diagonal -> exp(-inf) = 0
+    decay = np.exp(A_c[:, None, None] * gap)  # (n, l, l), A_c < 0: masked before the exp (tutorial 1)
+    return np.einsum("nt,nts,s,ns->ts", C_c, decay, dt, B_c)  # (l, l)
+
+
+def toeplitz_spread(M):
+    """Largest spread (max - min) along any diagonal below the main one, relative to max |M|."""
+    return max(np.ptp(np.diagonal(M, -j)) for j in range(M.shape[0])) / np.abs(M).max()
+
+
+ch = 0  # batch row 0, channel 0
+dt_sel = np.logaddexp(0.0, delta[0, ch] + dt_bias[ch])  # (l,) softplus, as the scan does
+M_sel = token_mixing_matrix(dt_sel, A[ch], B[0], C[0])  # (l, l)
+y_direct = selective_scan_fn(conv_parallel[:1, ch:ch + 1], delta[:1, ch:ch + 1], A[ch:ch + 1], B[:1], C[:1],
+                             delta_bias=dt_bias[ch:ch + 1], delta_softplus=True)[0, 0]  # (l,)
+# float64: the same sums in another grouping
+check("selective: M @ x vs selective_scan_fn", M_sel @ conv_parallel[0, ch], y_direct, rtol=100 * EPS64)
+lti_dt = np.full(l, dt_sel.mean())  # (l,) one step size for every token
+M_lti = token_mixing_matrix(lti_dt, A[ch], B[0][:, :1].repeat(l, 1), C[0][:, :1].repeat(l, 1))  # (l, l)
+K_lti = M_lti[:, 0]  # (l,): the LTI kernel K_j, read off the first column
+# the LTI layer is a convolution with K (float64, the same products summed in another order)
+check("LTI: M @ x vs np.convolve(K, x)", M_lti @ conv_parallel[0, ch], np.convolve(K_lti, conv_parallel[0, ch])[:l],
+      rtol=100 * EPS64)
+spread_lti, spread_sel = toeplitz_spread(M_lti), toeplitz_spread(M_sel)
+print(f"spread along the diagonals: LTI {spread_lti:.1e}, selective {spread_sel:.2f} (relative to max |M|)")
+# LTI: exp(A (S_t - S_s)) with S a float64 cumsum: the diagonals agree to rounding of the exponent
+assert spread_lti < 1e-12
+# selective: random dt, B, C per token make entries of one diagonal differ by O(max |M|); 0.1 is a loose floor
+assert spread_sel > 0.1
 
 # %% [markdown]
 # ## 2. Prefill and step-by-step give the same numbers

@@ -1,4 +1,4 @@
-"""`cuda.compile_ptx` of every kernel with its explicit signature, no GPU needed.
+"""`cuda.compile_ptx` of every kernel (the library's and the lab's) with its explicit signature, no GPU needed.
 
 The simulator runs kernels as Python and checks no types; NVVM does. This runs
 in a child process without NUMBA_ENABLE_CUDASIM (the simulator replaces
@@ -58,15 +58,19 @@ for n, dtype in cases:
         if n == 3 and not (name.startswith("scan") or name.startswith("chunk") or name == "state_update"):
             continue
         check(name, func, sigs[name], f"n={n:2d} {np.dtype(dtype).name}", dtype)
-# every layout the GPU check times, and every row tile of linear_v2 (float32, the benchmarked dtype)
-sigs = kc.kernel_signatures(np.float32)
-for layout in kc.V3_CANDIDATES:
-    for name, func in kc.kernel_functions(16, np.float32, v3_layout=layout).items():
-        if name.startswith("scan_v3"):
-            check(name, func, sigs[name], f"n=16 float32 {tuple(layout)}", np.float32)
-for rows in kc.LINEAR_V2_ROWS_PER_THREAD:
-    func = kc.kernel_functions(16, np.float32, rows_per_thread=rows)["linear_v2"]
-    check("linear_v2", func, sigs["linear_v2"], f"float32, {rows} rows a thread", np.float32)
+# the lab's versions: every v3 layout the sweep times, every row tile of linear v2 (float32, the benchmarked dtype)
+from minimamba.kernels.lab import linear as lab_linear, scan as lab_scan
+for n, dtype in cases:
+    sigs = lab_scan.kernel_signatures(dtype)
+    for layout in lab_scan.V3_CANDIDATES if (n, dtype) == (16, np.float32) else [lab_scan.V3_LAYOUT]:
+        for name, func in lab_scan.kernel_functions(n, dtype, layout).items():
+            check(name, func, sigs[name], f"n={n:2d} {np.dtype(dtype).name} {tuple(layout)}", dtype)
+for dtype in (np.float32, np.float64):
+    sigs = lab_linear.kernel_signatures(dtype)
+    tiles = lab_linear.LINEAR_V2_ROWS_PER_THREAD
+    for rows in tiles if dtype == np.float32 else tiles[-1:]:
+        func = lab_linear.kernel_functions(dtype, rows_per_thread=rows)["linear_v2"]
+        check("linear_v2", func, sigs["linear_v2"], f"{np.dtype(dtype).name}, {rows} rows a thread", dtype)
 print("ALL OK")
 """
 

@@ -46,11 +46,14 @@ def reset(cupy):
 
 @pytest.mark.parametrize("scan_version", ["v1", "chunked", "v3"])
 def test_model_on_cuda_kernels(cupy_backend, kc, monkeypatch, tiny_config, rng, scan_version):
-    if scan_version != "v1":  # make the automatic choice take the long-prompt scan at these lengths
+    if scan_version == "chunked":  # make the automatic choice take the long-prompt scan at these lengths
         monkeypatch.setattr(kc, "V1_MIN_ROWS", 1 << 40)
         monkeypatch.setattr(kc, "MIN_CHUNK", 2)
-        monkeypatch.setattr(kc, "SCAN_LONG", scan_version)
-        monkeypatch.setattr(kc, "V3_MIN_CHUNK", 4)  # v3: several chunks even at these lengths
+    if scan_version == "v3":  # the lab's version in the model's place (the model takes kc's functions when made)
+        from minimamba.kernels.lab import scan
+
+        monkeypatch.setattr(scan, "V3_MIN_CHUNK", 4)  # several chunks even at these lengths
+        monkeypatch.setattr(kc, "selective_scan_fn", scan.scan_v3)
     reference = MambaForCausalLM(tiny_config, seed=0, dtype="float64", impl="reference")
     model = MambaForCausalLM(tiny_config, seed=0).to("cupy", impl="cuda")
     assert model.kernels.name == "cuda"
@@ -92,10 +95,13 @@ def test_decode_logits_without_cublas_equals_the_model(cupy_backend, kc, monkeyp
     """kernels.cuda_graph.decode_logits (the capturable decode step) against the model's own decode."""
     from minimamba.kernels.cuda_graph import decode_logits
 
+    from minimamba.kernels.lab import linear
+
     monkeypatch.setattr(kc, "THREADS", 8)  # linear runs one block per output: small blocks, fast simulator
-    monkeypatch.setattr(kc, "LINEAR", linear_version)
-    monkeypatch.setattr(kc, "LINEAR_V2_LAYOUT", kc.LinearLayout(row_threads=2, col_threads=4, cols_per_thread=2,
-                                                               k_tile=8))  # 8 threads: a fast simulator
+    monkeypatch.setattr(linear, "LINEAR_V2_LAYOUT", linear.LinearLayout(row_threads=2, col_threads=4,
+                                                                       cols_per_thread=2, k_tile=8))
+    # decode_logits looks kc.linear up at each call: the lab's version 2 takes its place as it would in a graph
+    monkeypatch.setattr(kc, "linear", dict(v1=kc.linear, v2=linear.linear_v2)[linear_version])
     model = MambaForCausalLM(tiny_config, seed=0).to("cupy", impl="cuda")
     ids = rng.integers(0, tiny_config.vocab_size, (3, 6))
     caches = [MambaCache(tiny_config, 3, backend=model.backend) for _ in range(2)]
