@@ -6,20 +6,24 @@ import argparse
 import os
 import sys
 
+import numpy as np
 
 
 def cmd_info(args):
     from .config import MambaConfig
-    from .weights import load_state_dict, read_checkpoint, resolve_model_dir
+    from .weights import SAFETENSORS_DTYPES, checkpoint_headers, load_state_dict, resolve_model_dir
 
     from .pipeline import builtin_model_dir
 
     folder = resolve_model_dir(builtin_model_dir() if args.model == "builtin" else args.model)
     config = MambaConfig.from_pretrained(folder)
-    raw = read_checkpoint(folder)
-    state = load_state_dict(folder, config)
+    headers = [entry for _, entries, _ in checkpoint_headers(folder) for entry in entries]  # no tensor read
+    state = load_state_dict(folder, config, allow_non_finite=True)  # the one read of the weights
     n_params = sum(v.size for v in state.values())
-    stored = sorted({str(v.dtype) for v in raw.values()})
+    stored = sorted({str(np.dtype(SAFETENSORS_DTYPES[e.dtype])) if e.dtype != "BF16" else "bfloat16 (read as float32, "
+                     "exactly)" for e in headers})
+    non_finite = {k: int(v.size - np.count_nonzero(np.isfinite(v))) for k, v in state.items()}
+    non_finite = {k: n for k, n in non_finite.items() if n}
     print(f"model        {args.model}")
     print(f"folder       {folder}")
     print(f"layers       {config.num_hidden_layers}")
@@ -28,8 +32,11 @@ def cmd_info(args):
           f"time_step_rank {config.time_step_rank} (r)")
     print(f"vocab_size   {config.vocab_size}   tied head {config.tie_word_embeddings}")
     print(f"parameters   {n_params:,}")
-    print(f"stored as    {', '.join(stored)} ({sum(v.nbytes for v in raw.values()) / 1e6:.1f} MB on load)")
+    print(f"stored as    {', '.join(stored)}; {sum(e.end - e.begin for e in headers) / 1e6:.1f} MB of tensors")
     print(f"float32      {n_params * 4 / 1e6:.1f} MB in memory")
+    if non_finite:
+        first = next(iter(non_finite))
+        print(f"non-finite   {sum(non_finite.values()):,} NaN/inf values in {len(non_finite)} tensors, first {first}")
     return 0
 
 

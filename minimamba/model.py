@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import get_backend, resolve_dtype
-from .cache import MambaCache
+from .cache import MambaCache, cache_in_use
 from .config import MambaConfig
 from .impl import resolve_impl
 from .ops import array_module, linear, softplus
@@ -212,11 +212,12 @@ class _Pretrained:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype="float32", backend="numpy", impl=None,
-                        revision=None, cache_dir=None):
+                        revision=None, cache_dir=None, allow_non_finite=False):
         """Load a checkpoint folder or Hub repo (e.g. "state-spaces/mamba-130m-hf"), or "builtin".
 
         A PEFT adapter folder loads its base_model_name_or_path with the adapter on top, unmerged
-        (as PEFT's AutoPeftModel); see `load_adapter`.
+        (as PEFT's AutoPeftModel); see `load_adapter`. NaN or infinite weights are refused, naming
+        the tensor, unless `allow_non_finite=True`.
         """
         from .adapters import base_model_of, is_adapter_folder
         from .pipeline import builtin_model_dir
@@ -224,10 +225,11 @@ class _Pretrained:
         path_or_repo_id = builtin_model_dir() if path_or_repo_id == "builtin" else path_or_repo_id
         folder = resolve_model_dir(path_or_repo_id, revision=revision, cache_dir=cache_dir)
         if is_adapter_folder(folder) and hasattr(cls, "load_adapter"):
-            model = cls.from_pretrained(base_model_of(folder), dtype=dtype, backend=backend, impl=impl)
+            model = cls.from_pretrained(base_model_of(folder), dtype=dtype, backend=backend, impl=impl,
+                                        allow_non_finite=allow_non_finite)
             return model.load_adapter(folder)
         config = MambaConfig.from_pretrained(folder)
-        state_dict = load_state_dict(folder, config)
+        state_dict = load_state_dict(folder, config, allow_non_finite=allow_non_finite)
         model = cls(config, dtype=dtype, backend=backend, impl=impl, init=False)
         model.load_state_dict({name[len(cls.prefix):]: value for name, value in state_dict.items()
                                if name.startswith(cls.prefix)})
@@ -311,6 +313,12 @@ class MambaModel(_Pretrained):
     def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache_params=None,
                  use_cache=False, output_hidden_states=False, record=False, record_layers=None):
         """`record`: True, a name pattern or a list of them (see minimamba.record); `.record` then holds them."""
+        with cache_in_use(cache_params):  # a cache shared by two calls at once raises, not corrupts
+            return self._forward(input_ids, inputs_embeds, attention_mask, cache_params, use_cache,
+                                 output_hidden_states, record, record_layers)
+
+    def _forward(self, input_ids, inputs_embeds, attention_mask, cache_params, use_cache, output_hidden_states,
+                 record, record_layers):
         rec = Recorder.from_argument(record, record_layers)
         owned = not isinstance(record, Recorder)  # a MambaForCausalLM passes its own and reads it itself
         if (input_ids is None) == (inputs_embeds is None):
@@ -397,6 +405,8 @@ class MambaForCausalLM(_Pretrained):
         `record=True` (or a name pattern, or a list of them; `record_layers` picks layers) fills
         `.record` with every named intermediate of the pass: the table in minimamba.record.
         """
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an integer >= 0 (0: every position), got {logits_to_keep!r}")
         rec = Recorder.from_argument(record, record_layers)
         outputs = self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                 cache_params=cache_params, use_cache=use_cache,
@@ -443,8 +453,10 @@ def check_input_ids(input_ids, vocab_size):
         raise ValueError(f"input_ids must have shape (batch, length), got {ids.shape}")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"input_ids is empty (shape {ids.shape}); give at least one token per row")
+    if ids.dtype == np.bool_ or not (np.issubdtype(ids.dtype, np.integer) or np.issubdtype(ids.dtype, np.floating)):
+        raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")  # a boolean mask is not token ids
     if not np.issubdtype(ids.dtype, np.integer):
-        if ids.dtype == object or not np.all(np.equal(np.mod(ids, 1), 0)):
+        if not np.all(np.equal(np.mod(ids, 1), 0)):  # whole floats (1.0) are taken as ids; 1.5, NaN are not
             raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
         ids = ids.astype(np.int64)
     bad = (ids < 0) | (ids >= vocab_size)

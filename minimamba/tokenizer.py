@@ -34,12 +34,7 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path):
-        from tokenizers import Tokenizer as _Tokenizer
-
-        try:
-            return cls(_Tokenizer.from_file(os.fspath(path)), name_or_path=os.fspath(path))
-        except Exception as err:  # noqa: BLE001 - tokenizers raises its own Exception type
-            raise ValueError(f"{path}: not a valid tokenizer.json ({err})") from None
+        return cls(load_tokenizer_file(path), name_or_path=os.fspath(path))
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, revision=None, cache_dir=None):
@@ -81,11 +76,13 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens=True) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"encode takes a str, got {type(text).__name__}")
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return rust_call(lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids,
+                         f"{self.name_or_path}: encoding failed")
 
     def decode(self, ids, skip_special_tokens=True) -> str:
-        return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)],
-                                     skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        return rust_call(lambda: self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens),
+                         f"{self.name_or_path}: decoding failed")
 
     def batch_decode(self, rows, skip_special_tokens=True) -> list[str]:
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
@@ -123,6 +120,45 @@ class BatchEncoding(dict):
 
     def to(self, device):
         return self
+
+
+MAX_TOKENIZER_BYTES = 500_000_000  # the largest tokenizer.json files on the Hub are ~30 MB
+
+
+def rust_call(call, what):
+    """Run a call into the `tokenizers` library; any failure becomes a CheckpointError saying `what`.
+
+    NOTE: a Rust panic inside tokenizers (e.g. from a pathological regex in a
+    hostile tokenizer.json) reaches Python as pyo3's PanicException, a
+    BaseException, which `except Exception` lets through; catch it here.
+    """
+    from .errors import CheckpointError, shown
+
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+        raise
+    except BaseException as err:  # noqa: BLE001 - see the NOTE
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(f"{what} ({type(err).__name__}: {shown(first, 100)[1:-1]})") from None
+
+
+def load_tokenizer_file(path):
+    """A `tokenizers.Tokenizer` from a tokenizer.json; every fault a CheckpointError naming the file."""
+    from tokenizers import Tokenizer as _Tokenizer
+
+    from .errors import CheckpointError
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a folder, expected a tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer not found: {path}")
+    if os.path.getsize(path) > MAX_TOKENIZER_BYTES:
+        raise CheckpointError(f"{path}: larger than {MAX_TOKENIZER_BYTES:,} bytes; not a tokenizer.json")
+    tokenizer = rust_call(lambda: _Tokenizer.from_file(path), f"{path}: not a valid tokenizer.json")
+    rust_call(lambda: tokenizer.encode("Hello, world! 123 é").ids, f"{path}: the tokenizer fails on a test string")
+    return tokenizer
 
 
 def hub_file(repo_id, filename, revision=None, cache_dir=None) -> str:

@@ -29,7 +29,7 @@ def test_info_prints_the_figures():
 
 
 def test_info_on_bf16_and_state_spaces():
-    assert "stored as    float32" in run("info", os.path.join(FIXTURES, "bf16")).stdout  # read as float32, exactly
+    assert "stored as    bfloat16 (read as float32, exactly)" in run("info", os.path.join(FIXTURES, "bf16")).stdout
     result = run("info", os.path.join(FIXTURES, "state_spaces"))
     assert result.returncode == 0 and "vocab_size   64" in result.stdout
 

@@ -224,8 +224,8 @@ def test_corrupt_header(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 96)
     with pytest.raises(CheckpointError, match="corrupt header entry for 'backbone.norm_f.weight'"):
         MambaForCausalLM.from_pretrained(folder)
-    path.write_bytes(struct.pack("<Q", 1000))
-    with pytest.raises(CheckpointError, match="header claims 1000 bytes"):
+    path.write_bytes(struct.pack("<Q", 1000))  # the length itself is not echoed: it may be any file's first bytes
+    with pytest.raises(CheckpointError, match="header claims more bytes than the file has"):
         MambaForCausalLM.from_pretrained(folder)
 
 

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -69,26 +68,27 @@ def train_tokenizer(text: str, vocab_size=2048):
 
 
 def load_tokenizer(path):
-    from tokenizers import Tokenizer
+    """A tokenizers.Tokenizer from tokenizer.json (or a folder holding one), checked as minimamba.Tokenizer checks it."""
+    from ..tokenizer import load_tokenizer_file
 
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer not found: {path}")
-    return Tokenizer.from_file(path)
+    return load_tokenizer_file(path)
 
 
 def save_tokenizer(tokenizer, folder):
-    """tokenizer.json, plus the tokenizer_config.json that lets transformers' AutoTokenizer load it."""
-    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    """tokenizer.json, plus the tokenizer_config.json that lets transformers' AutoTokenizer load it; each atomically."""
+    from ..atomic import write_json, write_text
+
+    write_text(os.path.join(folder, "tokenizer.json"), tokenizer.to_str(pretty=True))
     eos = EOS_TOKEN if tokenizer.token_to_id(EOS_TOKEN) is not None else None
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
               "unk_token": None, "pad_token": eos, "model_max_length": 1000000000000000019884624838656,
               "clean_up_tokenization_spaces": False}
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
+    write_json(os.path.join(folder, "tokenizer_config.json"), config, indent=2)
 
 
 def encode(tokenizer, text: str) -> np.ndarray:

@@ -6,26 +6,31 @@ Every `eval_every` steps the validation loss; every `save_every` steps (and at
 the end, and when the time limit is reached) a checkpoint. A checkpoint is the
 model in the HF layout (or the LoRA adapter in PEFT's), plus
 `optimizer.safetensors` and `trainer_state.json` (step, the batch sampler's and
-the dropout generator's states), so a resumed run continues with exactly the
-numbers the uninterrupted run would have used.
+the dropout generator's states, every file's SHA-256), so a resumed run continues
+with exactly the numbers the uninterrupted run would have used. The state file is
+written last and commits the step: a kill at any moment of a save leaves the
+previous checkpoint or the new one (see `_save`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..atomic import fault_point, fsync_dir, remove_temp_files, sha256_file, write_json
+from ..errors import CheckpointError, read_json_file
 from .data import BatchSampler, validation_batches
 from .optim import AdamW, clip_grad_norm, lr_at
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+STAGING_DIR = ".checkpoint-staging"  # a save in progress; see _save
 
 
 @dataclass
@@ -174,37 +179,117 @@ def run(model, train_ids, val_ids, opts: LoopOptions, out_dir, save_checkpoint, 
 
 
 def _save(out_dir, save_checkpoint, optimizer, sampler, dropout_rng, state):
-    from safetensors.numpy import save_file
+    """Write a checkpoint so that a kill at any moment leaves the previous one or this one, whole.
+
+    1. Every file (save_checkpoint's, the optimizer's) goes into the hidden folder
+       STAGING_DIR, each written atomically (temp file, fsync, rename).
+    2. trainer_state.json, naming every file with its SHA-256, replaces the old one
+       atomically: the commit. Before it, the folder still holds step s, whole.
+    3. The staged files are moved into place. A kill here is finished by `recover`
+       (the state file says which contents each file must have).
+    """
+    from ..weights import write_safetensors
 
     os.makedirs(out_dir, exist_ok=True)
-    save_checkpoint(out_dir)
-    arrays = {k: np.ascontiguousarray(v) for k, v in optimizer.state_arrays().items()}
-    tmp = os.path.join(out_dir, OPTIMIZER_FILE + ".tmp")
-    save_file(arrays, tmp)
-    os.replace(tmp, os.path.join(out_dir, OPTIMIZER_FILE))
+    recover(out_dir)
+    staging = os.path.join(out_dir, STAGING_DIR)
+    os.makedirs(staging)
+    save_checkpoint(staging)
+    write_safetensors(os.path.join(staging, OPTIMIZER_FILE), optimizer.state_arrays())
+    files = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
+    fsync_dir(staging)
     state = dict(state, optimizer_step=optimizer.step_count, sampler_rng=sampler.rng.bit_generator.state,
-                 dropout_rng=dropout_rng.bit_generator.state)
-    tmp = os.path.join(out_dir, STATE_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, STATE_FILE))
+                 dropout_rng=dropout_rng.bit_generator.state, files=files)
+    write_json(os.path.join(out_dir, STATE_FILE), state, indent=1)  # the commit point
+    _move_staged(out_dir, files)
+
+
+def _move_staged(out_dir, files):
+    staging = os.path.join(out_dir, STAGING_DIR)
+    for name in files:
+        if os.path.exists(os.path.join(staging, name)):
+            fault_point(f"move {name}")
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    fsync_dir(out_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read_state(out_dir) -> dict:
+    state = read_json_file(os.path.join(out_dir, STATE_FILE), STATE_FILE)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{os.path.join(out_dir, STATE_FILE)}: no step number; not a minimamba training state")
+    return state
+
+
+def recover(out_dir) -> str | None:
+    """Finish or discard a save that a kill interrupted; remove stray temp files. Returns what it did, if anything.
+
+    A staged file whose hash trainer_state.json records was committed: it is moved
+    into place. Any other staged file belongs to a save that never committed: the
+    staging folder is deleted, and the folder holds the previous checkpoint as it was.
+    """
+    remove_temp_files(out_dir)
+    staging = os.path.join(out_dir, STAGING_DIR)
+    if not os.path.isdir(staging):
+        return None
+    remove_temp_files(staging)
+    staged = sorted(os.listdir(staging))
+    files = {}
+    if has_checkpoint(out_dir):
+        files = _read_state(out_dir).get("files") or {}
+    if staged and all(name in files and sha256_file(os.path.join(staging, name)) == files[name] for name in staged):
+        _move_staged(out_dir, files)
+        return f"finished moving the files of an interrupted save of {out_dir} into place"
+    shutil.rmtree(staging)
+    return f"removed the files of a save to {out_dir} that was interrupted before it completed"
+
+
+def verify_checkpoint(out_dir) -> dict:
+    """The committed trainer state, after checking every file it names against its recorded SHA-256."""
+    state = _read_state(out_dir)
+    files = state.get("files")
+    if files is None:
+        return state  # written before checkpoints recorded their files: nothing to compare
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{os.path.join(out_dir, STATE_FILE)}: 'files' must map file names to SHA-256 hashes")
+    for name, digest in files.items():
+        path = os.path.join(out_dir, check_file_name(name, out_dir))
+        if not os.path.isfile(path) or sha256_file(path) != digest:
+            why = "is missing" if not os.path.isfile(path) else "does not match the checkpoint"
+            raise CheckpointError(f"{path} {why} of step {state['step']} (changed or damaged since it was saved); "
+                                  f"restore the file, or start a new run in another --out folder")
+    return state
+
+
+def check_file_name(name, out_dir) -> str:
+    if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", ".."):
+        raise CheckpointError(f"{os.path.join(out_dir, STATE_FILE)}: lists a file name that is not a plain "
+                              "file name in the folder")
+    return name
 
 
 def _load_state(out_dir, optimizer, sampler, dropout_rng, state):
-    from safetensors.numpy import load_file
+    from ..weights import read_safetensors
 
-    path = os.path.join(out_dir, STATE_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: {path} not found; there is no checkpoint to resume in {out_dir}")
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-    optimizer.load_state_arrays(load_file(os.path.join(out_dir, OPTIMIZER_FILE)), saved["optimizer_step"])
-    sampler.rng.bit_generator.state = saved.pop("sampler_rng")
-    dropout_rng.bit_generator.state = saved.pop("dropout_rng")
+    recover(out_dir)
+    if not has_checkpoint(out_dir):
+        raise FileNotFoundError(f"--resume: {os.path.join(out_dir, STATE_FILE)} not found; there is no checkpoint "
+                                f"to resume in {out_dir}")
+    saved = verify_checkpoint(out_dir)
+    try:
+        optimizer.load_state_arrays(read_safetensors(os.path.join(out_dir, OPTIMIZER_FILE)), saved["optimizer_step"])
+        sampler.rng.bit_generator.state = saved.pop("sampler_rng")
+        dropout_rng.bit_generator.state = saved.pop("dropout_rng")
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{out_dir}: the optimizer or generator state does not fit this run "
+                              f"({type(err).__name__}); start a new run in another --out folder") from None
     saved.pop("optimizer_step")
     saved["options"] = state["options"]
     return saved
 
 
 def has_checkpoint(out_dir) -> bool:
+    """A committed checkpoint: its trainer_state.json exists (it is written last)."""
     return os.path.isfile(os.path.join(out_dir, STATE_FILE))

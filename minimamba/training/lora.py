@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from ..errors import CheckpointError, shown
+
 
 class LoraAdapter:
     """The two factors of one module's update, and how they are applied.
@@ -177,10 +179,10 @@ def merge_adapters(params: dict, adapters: dict) -> dict:
 
 def save_adapter(folder, adapters: dict, base_model_name_or_path=None):
     """adapter_config.json + adapter_model.safetensors, with PEFT's key names and config fields."""
-    import json
     import os
 
-    from safetensors.numpy import save_file
+    from ..atomic import write_json
+    from ..weights import write_safetensors
 
     if not adapters:
         raise ValueError("no adapters to save")
@@ -202,35 +204,21 @@ def save_adapter(folder, adapters: dict, base_model_name_or_path=None):
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
         "auto_mapping": None,
     }
-    tmp = os.path.join(folder, "adapter_model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(folder, "adapter_model.safetensors"))
-    with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
+    write_safetensors(os.path.join(folder, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
+    write_json(os.path.join(folder, "adapter_config.json"), config, indent=2)
 
 
 def load_adapter(folder, config, params, dtype=np.float32) -> dict:
     """Adapters from a PEFT folder (ours or one PEFT saved), checked against the base model's shapes."""
-    import json
     import os
 
+    from ..errors import read_json_file
     from ..weights import read_safetensors
 
     cfg_path = os.path.join(folder, "adapter_config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: not a PEFT adapter folder")
-    with open(cfg_path, encoding="utf-8") as f:
-        peft_config = json.load(f)
-    if peft_config.get("peft_type") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type is {peft_config.get('peft_type')!r}; only LORA adapters load")
-    for field in ("use_dora", "use_rslora", "fan_in_fan_out"):
-        if peft_config.get(field):
-            raise ValueError(f"{cfg_path}: {field}=true is not supported")
-    if peft_config.get("rank_pattern") or peft_config.get("alpha_pattern"):
-        raise ValueError(f"{cfg_path}: per-module rank_pattern / alpha_pattern are not supported")
-    r, alpha = int(peft_config["r"]), float(peft_config["lora_alpha"])
-    dropout = float(peft_config.get("lora_dropout") or 0.0)
+    r, alpha, dropout = check_adapter_config(read_json_file(cfg_path, "adapter_config.json"), cfg_path)
     tensors = read_safetensors(os.path.join(folder, "adapter_model.safetensors"))
     modules = {}
     for key, value in tensors.items():
@@ -243,18 +231,59 @@ def load_adapter(folder, config, params, dtype=np.float32) -> dict:
                 modules.setdefault(module, {"kind": kind})[part] = np.array(value, dtype=dtype)
                 break
         else:
-            raise ValueError(f"{folder}: unexpected tensor {key!r} in the adapter")
+            raise CheckpointError(f"{folder}: unexpected tensor {shown(key)} in the adapter")
     adapters = {}
+    allowed = target_module_names(config, SUPPORTED_TARGETS)  # {module: (kind, base weight name)}
     for module, parts in modules.items():
         if "A" not in parts or "B" not in parts:
-            raise ValueError(f"{folder}: module {module!r} has only one of its two LoRA factors")
-        weight = params.get(module + ".weight")
-        if weight is None:
-            raise ValueError(f"{folder}: adapter for {module!r}, which the base model does not have")
+            raise CheckpointError(f"{folder}: module {shown(module)} has only one of its two LoRA factors")
+        if module not in allowed or module + ".weight" not in params:
+            raise CheckpointError(f"{folder}: adapter for {shown(module)}, which the base model does not have "
+                                  "(or minimamba cannot adapt)")
+        if parts["kind"] != allowed[module][0]:
+            raise CheckpointError(f"{folder}: {module} has {parts['kind']} LoRA factors, which do not fit it")
+        weight = params[module + ".weight"]
         A, B = parts["A"], parts["B"]
         base = weight.shape if parts["kind"] == "linear" else weight.shape[::-1]  # embedding: (d, V)
         if A.shape != (r, base[1]) or B.shape != (base[0], r):
-            raise ValueError(f"{folder}: {module} LoRA factors {A.shape}, {B.shape} do not fit the base weight "
-                             f"{weight.shape} with r={r}")
+            raise CheckpointError(f"{folder}: {module} LoRA factors {A.shape}, {B.shape} do not fit the base weight "
+                                  f"{weight.shape} with r={r}")
+        if not (np.isfinite(A).all() and np.isfinite(B).all()):
+            raise CheckpointError(f"{folder}: {module} LoRA factors hold NaN or infinite values")
         adapters[module] = LoraAdapter(parts["kind"], A, B, alpha, dropout)
+    if not adapters:
+        raise CheckpointError(f"{folder}: the adapter holds no LoRA factors")
     return adapters
+
+
+def check_adapter_config(peft_config, cfg_path):
+    """(r, alpha, dropout) from a PEFT adapter_config.json, every field checked; faults name the file and field."""
+    if not isinstance(peft_config, dict):
+        raise CheckpointError(f"{cfg_path}: must hold a JSON object")
+    if peft_config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{cfg_path}: peft_type is {shown(peft_config.get('peft_type'))}; only LORA adapters load")
+    for field in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if peft_config.get(field):
+            raise CheckpointError(f"{cfg_path}: {field}=true is not supported")
+    if peft_config.get("rank_pattern") or peft_config.get("alpha_pattern"):
+        raise CheckpointError(f"{cfg_path}: per-module rank_pattern / alpha_pattern are not supported")
+    r, alpha = peft_config.get("r"), peft_config.get("lora_alpha")
+    dropout = peft_config.get("lora_dropout") or 0.0
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 1 << 20:
+        raise CheckpointError(f"{cfg_path}: r must be a positive integer (the LoRA rank), got {shown(r)}")
+    for field, value in (("lora_alpha", alpha), ("lora_dropout", dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CheckpointError(f"{cfg_path}: {field} must be a finite number, got {shown(value)}")
+    if not 0 <= dropout < 1:
+        raise CheckpointError(f"{cfg_path}: lora_dropout must lie in [0, 1), got {dropout} (1 or more would zero "
+                              "every LoRA output)")
+    targets = peft_config.get("target_modules")
+    if targets is not None:
+        names = [targets] if isinstance(targets, str) else targets
+        if not isinstance(names, list) or not all(isinstance(t, str) for t in names):
+            raise CheckpointError(f"{cfg_path}: target_modules must be a list of module names")
+        bad = [t for t in names if t not in SUPPORTED_TARGETS]
+        if bad:
+            raise CheckpointError(f"{cfg_path}: target module {shown(bad[0])} is not supported; "
+                                  f"choose from {', '.join(SUPPORTED_TARGETS)}")
+    return r, float(alpha), float(dropout)

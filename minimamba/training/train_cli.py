@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 from ..helpfmt import DefaultsHelpFormatter
-from .loop import LoopOptions, has_checkpoint, run, stage
+from .loop import LoopOptions, has_checkpoint, recover, run, stage, verify_checkpoint
 
 
 def add_train_parser(sub):
@@ -84,10 +84,18 @@ def loop_options(args) -> LoopOptions:
 
 
 def check_out_dir(out, resume):
+    """Refuse a wrong --out early; finish or discard a save a kill interrupted; check a checkpoint to resume."""
     if os.path.isfile(out):
         raise ValueError(f"--out {out} is a file; give a folder")
+    note = recover(out) if os.path.isdir(out) else None
+    if note:
+        print(note, flush=True)
     if resume and not has_checkpoint(out):
-        raise FileNotFoundError(f"--resume: no checkpoint (trainer_state.json) in {out}")
+        hint = ("; a first save was interrupted before it completed, so start again without --resume"
+                if note and note.startswith("removed") else "")
+        raise FileNotFoundError(f"--resume: no checkpoint (trainer_state.json) in {out}{hint}")
+    if resume:
+        verify_checkpoint(out)
     if not resume and has_checkpoint(out):
         raise ValueError(f"{out} already holds a training checkpoint; pass --resume to continue it "
                          "or choose another --out")
