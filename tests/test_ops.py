@@ -260,7 +260,7 @@ def test_causal_conv1d_update_in_chunks_equals_one_pass(problem, data):
         else:
             outs.append(ops.causal_conv1d_update(x[:, :, t:t + size], state, weight, bias, activation))
         t += size
-    want = ops.causal_conv1d_fn(x, weight, bias, activation)
+    want = ops.causal_conv1d_fn(x, weight, bias, activation=activation)
     tol = {np.float32: 1e-6, np.float64: 1e-14}[dtype]
     assert_close("conv update chunks", np.concatenate(outs, axis=2), want, tol * max(1.0, float(np.abs(want).max())))
     s = state.shape[2]
