@@ -33,9 +33,13 @@ Speed notes (2-core machine, float32):
     and cached on disk (cache=True), so contiguous and strided inputs share one
     compiled version and the first call in a new process loads, not compiles.
 
-Forms not handled here fall back to minimamba.ops (same result, NumPy speed):
-B/C of shape (d, n) (S4, input-independent) or (b, g, n, l) / (b, g, n) (grouped):
-Mamba-1 checkpoints never use them.
+Every argument of the readable twins is accepted. Grouped B/C ((b, g, n, l), (b, g, n)) and
+mamba_ssm's multi-head state layout run the same cores, one call per group of channels;
+continuous-batching indices (state_batch_indices, conv_state_indices) gather the named
+state rows, run the core, and write them back (ops.on_state_rows). Forms that are rare in
+decoding fall back to minimamba.ops (same result, NumPy speed), each marked where it
+happens: B/C of shape (d, n) (S4, input-independent), causal_conv1d_fn's seq_idx (packed
+variable-length sequences) and causal_conv1d_update's cache_seqlens (a circular conv state).
 """
 
 from __future__ import annotations
@@ -408,43 +412,87 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """Fused selective scan; see `minimamba.ops.selective_scan_ref` for the arguments and maths."""
     _numpy_only(u, delta, A, B, C, D, z, delta_bias, initial_state)
     b, d, l, n = ops.check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if B.shape != (b, n, l) or C.shape != (b, n, l) or B.ndim != 3 or C.ndim != 3:
-        # (d, n) and grouped (b, g, n, l) B/C: the readable path (Mamba-1 uses (b, n, l)).
+    if B.ndim == 2 or C.ndim == 2 or _mixed_groups(B, C, 4):
+        # (d, n) B/C (S4, input-independent; no Mamba checkpoint uses it): the readable path.
         return ops.selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                      delta_softplus=delta_softplus, return_last_state=return_last_state,
                                      initial_state=initial_state)
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     out = _empty_bld(b, d, l, ct)  # (b, d, l)
     last_state = np.empty((b, d, n), dtype=ct)  # (b, d, n)
-    _core("scan", ct)(
-        _as(u, ct), _as(delta, ct), _as(A, ct), _as(B, ct), _as(C, ct),
-        _dummy(1, ct) if D is None else _as(D, ct), _dummy(3, ct) if z is None else _as(z, ct),
-        _dummy(1, ct) if delta_bias is None else _as(delta_bias, ct),
-        _dummy(3, ct) if initial_state is None else _as(initial_state, ct), out, last_state,
-        D is not None, z is not None, delta_bias is not None, initial_state is not None, bool(delta_softplus))
+    B4, C4 = _grouped(B, 4, ct), _grouped(C, 4, ct)  # (b, g, n, l)
+    g = max(B4.shape[1], C4.shape[1])
+    for c in _group_slices(d, g):  # one core call per group of channels sharing B and C
+        j = c.start // (d // g)
+        _core("scan", ct)(
+            _as(u[:, c], ct), _as(delta[:, c], ct), _as(A[c], ct), B4[:, j * B4.shape[1] // g], C4[:, j * C4.shape[1] // g],
+            _dummy(1, ct) if D is None else _as(D[c], ct), _dummy(3, ct) if z is None else _as(z[:, c], ct),
+            _dummy(1, ct) if delta_bias is None else _as(delta_bias[c], ct),
+            _dummy(3, ct) if initial_state is None else _as(initial_state[:, c], ct), out[:, c], last_state[:, c],
+            D is not None, z is not None, delta_bias is not None, initial_state is not None, bool(delta_softplus))
     out = out.astype(u.dtype, copy=False)
     return (out, last_state) if return_last_state else out
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One decode step, `state` updated in place; see `minimamba.ops.selective_state_update`."""
-    _numpy_only(state, x, dt, A, B, C, D, z, dt_bias)
-    b, d, n = ops.check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
-    if B.ndim == 3 or C.ndim == 3 or state.dtype not in (np.float32, np.float64):  # grouped B/C: readable path
+def _mixed_groups(B, C, ndim):
+    """True when B and C are grouped by counts neither of which divides the other (the readable path)."""
+    gb = B.shape[1] if B.ndim == ndim else 1
+    gc = C.shape[1] if C.ndim == ndim else 1
+    return max(gb, gc) % min(gb, gc) != 0
+
+
+def _grouped(M, ndim, ct):
+    """B or C with a groups axis: (b, n[, l]) -> (b, 1, n[, l]); (b, g, n[, l]) as it is."""
+    M = _as(M, ct)
+    return M[:, None] if M.ndim == ndim - 1 else M
+
+
+def _group_slices(d, g):
+    """The channel slices of g equal groups."""
+    step = d // g
+    return [slice(j * step, (j + 1) * step) for j in range(g)]
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_batch_indices=None):
+    """One decode step, `state` updated in place; see `minimamba.ops.selective_state_update`.
+
+    Single-head (b, d, n) or mamba_ssm's multi-head (b, h, p, n) state (heads flattened
+    into channels, ops.heads_as_channels); state_batch_indices gathers and writes back rows.
+    """
+    _numpy_only(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    if state.ndim == 4:
+        return ops.on_heads_as_channels(selective_state_update, state, x, dt, A, B, C, D, z, dt_bias,
+                                        dt_softplus=dt_softplus, state_batch_indices=state_batch_indices)
+    b, d, n = ops.check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    if state_batch_indices is not None:
+        return ops.on_state_rows(_state_update, state, state_batch_indices, x, dt, A, B, C, D, z, dt_bias,
+                                 dt_softplus)
+    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    b, d, n = state.shape
+    if state.dtype not in (np.float32, np.float64) or _mixed_groups(B, C, 3):  # a float16 state: the readable path
         return ops.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     if state.dtype != ct:  # a float32 state in a float64 call: update a float64 copy, write it back
         work = state.astype(ct)
-        out = selective_state_update(work, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        out = _state_update(work, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
         state[...] = work
         return out
     out = np.empty((b, d), dtype=ct)
+    B3, C3 = _grouped(B, 3, ct), _grouped(C, 3, ct)  # (b, g, n)
+    g = max(B3.shape[1], C3.shape[1])
     name = "state_update_par" if b * d * n >= PARALLEL_MIN else "state_update"
-    _core(name, ct)(
-        state, _as(x, ct), _as(dt, ct), _as(A, ct), _as(B, ct), _as(C, ct),
-        _dummy(1, ct) if D is None else _as(D, ct), _dummy(2, ct) if z is None else _as(z, ct),
-        _dummy(1, ct) if dt_bias is None else _as(dt_bias, ct), out,
-        D is not None, z is not None, dt_bias is not None, bool(dt_softplus))
+    for c in _group_slices(d, g):  # one core call per group of channels sharing B and C
+        j = c.start // (d // g)
+        _core(name, ct)(
+            state[:, c], _as(x[:, c], ct), _as(dt[:, c], ct), _as(A[c], ct),
+            B3[:, j * B3.shape[1] // g], C3[:, j * C3.shape[1] // g],
+            _dummy(1, ct) if D is None else _as(D[c], ct), _dummy(2, ct) if z is None else _as(z[:, c], ct),
+            _dummy(1, ct) if dt_bias is None else _as(dt_bias[c], ct), out[:, c],
+            D is not None, z is not None, dt_bias is not None, bool(dt_softplus))
     return out.astype(x.dtype, copy=False)
 
 
@@ -475,31 +523,64 @@ def rms_norm(x, weight, eps=1e-5):
     return out.reshape(x.shape)
 
 
-def causal_conv1d_fn(x, weight, bias=None, activation=None):
-    """Causal depthwise conv (+ bias, SiLU); see `minimamba.ops.causal_conv1d_fn`."""
-    _numpy_only(x, weight, bias)
-    b, d, l, _ = ops.check_conv_args(x, weight, bias)
+def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                     final_states_out=None, activation=None):
+    """Causal depthwise conv (+ bias, SiLU); see `minimamba.ops.causal_conv1d_fn`.
+
+    initial_states and the final states use the core's state: it starts the window and
+    is shifted by l at the end, leaving the last k - 1 inputs, the final states.
+    """
+    _numpy_only(x, weight, bias, seq_idx, initial_states, final_states_out)
+    b, d, l, k = ops.check_conv_args(x, weight, bias, seq_idx, initial_states, final_states_out)
+    if seq_idx is not None:  # packed variable-length sequences (rare in inference): the readable path
+        return ops.causal_conv1d_fn(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states,
+                                    return_final_states=return_final_states, final_states_out=final_states_out,
+                                    activation=activation)
     use_silu = _check_activation(activation)
     ct = compute_dtype(x, weight)
+    if initial_states is not None:
+        state = np.array(initial_states, dtype=ct)  # (b, d, k-1), a copy the core shifts
+    else:
+        state = np.zeros((b, d, k - 1) if return_final_states else (0, 0, 0), dtype=ct)
     out = _empty_bld(b, d, l, ct)  # (b, d, l)
-    _conv(_as(x, ct), weight, bias, _dummy(3, ct), out, use_silu)
-    return out.astype(x.dtype, copy=False)
+    _conv(_as(x, ct), weight, bias, state, out, use_silu)
+    out = out.astype(x.dtype, copy=False)
+    if not return_final_states:
+        return out
+    final_states = state.astype(x.dtype, copy=False)  # (b, d, k-1)
+    if final_states_out is not None:
+        final_states_out[...] = final_states
+        final_states = final_states_out
+    return out, final_states
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
+                         conv_state_indices=None):
     """A few conv steps through `conv_state` (updated in place); see `minimamba.ops.causal_conv1d_update`."""
-    _numpy_only(x, conv_state, weight, bias)
+    _numpy_only(x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
     single = x.ndim == 2
     x3 = x[:, :, None] if single else x  # (b, d, l)
-    b, d, l, k = ops.check_conv_update_args(x3, conv_state, weight, bias)
+    ops.check_conv_update_args(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices)
     use_silu = _check_activation(activation)
+    if cache_seqlens is not None:  # a circular conv state (rare; vLLM-style caches): the readable path
+        return ops.causal_conv1d_update(x, conv_state, weight, bias, activation=activation,
+                                        cache_seqlens=cache_seqlens, conv_state_indices=conv_state_indices)
+    if conv_state_indices is not None:
+        out = ops.on_state_rows(_conv_update, conv_state, conv_state_indices, x3, weight, bias, use_silu)
+    else:
+        out = _conv_update(conv_state, x3, weight, bias, use_silu)
+    return out[:, :, 0] if single else out
+
+
+def _conv_update(conv_state, x, weight, bias, use_silu):
+    """causal_conv1d_update with x (b, d, l) and one conv_state row per batch row."""
+    b, d, l = x.shape
     ct = compute_dtype(x, weight)
     if conv_state.dtype != ct:  # the state keeps its own dtype; work on a copy in the compute dtype
         work = conv_state.astype(ct)
-        out = causal_conv1d_update(x, work, weight, bias, activation)
+        out = _conv_update(work, x, weight, bias, use_silu)
         conv_state[...] = work
         return out
     out = np.empty((b, d, l), dtype=ct) if l == 1 else _empty_bld(b, d, l, ct)
-    _conv(_as(x3, ct), weight, bias, conv_state, out, use_silu)
-    out = out.astype(x.dtype, copy=False)
-    return out[:, :, 0] if single else out
+    _conv(_as(x, ct), weight, bias, conv_state, out, use_silu)
+    return out.astype(x.dtype, copy=False)

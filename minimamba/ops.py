@@ -227,6 +227,15 @@ def heads_as_channels(state, x, dt, A, B, C, D, z, dt_bias):
             flat(D, (d,)), flat(z, (b, d)), flat(dt_bias, (d,)))
 
 
+def on_heads_as_channels(step, state, x, dt, A, B, C, D, z, dt_bias, **kwargs):
+    """Run the single-head `step` on the multi-head arguments (see heads_as_channels); out shaped like x."""
+    flat = heads_as_channels(state, x, dt, A, B, C, D, z, dt_bias)
+    out = step(*flat, **kwargs)
+    if not array_module(state).shares_memory(flat[0], state):  # the layout forced a copy: write it back
+        state[...] = flat[0].reshape(state.shape)
+    return out.reshape(x.shape)
+
+
 def on_state_rows(step, state, indices, *args, **kwargs):
     """Continuous batching: batch row i reads and writes state[indices[i]].
 
@@ -514,11 +523,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     Exactly one iteration of the loop in `selective_scan_ref`.
     """
     if state.ndim == 4:  # multi-head: the same maths per channel, heads flattened into channels
-        flat = heads_as_channels(state, x, dt, A, B, C, D, z, dt_bias)
-        out = selective_state_update(*flat, dt_softplus=dt_softplus, state_batch_indices=state_batch_indices)
-        if not array_module(state).shares_memory(flat[0], state):  # the layout forced a copy: write it back
-            state[...] = flat[0].reshape(state.shape)
-        return out.reshape(x.shape)
+        return on_heads_as_channels(selective_state_update, state, x, dt, A, B, C, D, z, dt_bias,
+                                    dt_softplus=dt_softplus, state_batch_indices=state_batch_indices)
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     if state_batch_indices is not None:
         return on_state_rows(_state_update, state, state_batch_indices, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
