@@ -59,7 +59,7 @@ BUDGET = {
     "test_causal_conv1d_varlen": 20,
     "test_causal_conv1d_varlen_initial_states": 12,
     "test_causal_conv1d_varlen_padding": 16,
-    "test_selective_scan": None,
+    "test_selective_scan": 6,
     "test_mamba_inner_fn": None,
     "test_selective_state_update": 20,
     "test_selective_state_update_with_heads": 30,
@@ -156,6 +156,8 @@ def run_peer_test(fn, kwargs):
         except shim.BackwardNotProvided:
             pytest.skip("forward assertions passed; the test goes on to a backward pass, "
                         "which minimamba.ops does not provide")
+        except shim.NoTwin as err:
+            pytest.skip(f"no minimamba twin: {err}")
 
 
 IMPLS = ["ops", "numba"]

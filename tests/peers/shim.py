@@ -49,6 +49,10 @@ class BackwardNotProvided(NotImplementedError):
     """A peer test reached a backward pass; minimamba.ops has forward functions only."""
 
 
+class NoTwin(NotImplementedError):
+    """A peer test called a kernel (or a form of one) that minimamba does not implement."""
+
+
 @contextlib.contextmanager
 def use(module):
     """Route the stand-ins to `module` (minimamba.ops or minimamba.kernels.cpu) inside the block."""
@@ -124,7 +128,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     indices; the callers read only x[:, :, -1, 1::2], the last state, so one chunk is given.
     """
     if A.is_complex():
-        raise NotImplementedError("complex A: minimamba implements the real (Mamba-1) scan only")
+        raise NoTwin("complex A: minimamba implements the real (Mamba-1) scan only")
     out, last_state = _fn("selective_scan_fn")(
         to_numpy(u), to_numpy(delta), to_numpy(A), to_numpy(B), to_numpy(C), D=to_numpy(D), z=to_numpy(z),
         delta_bias=to_numpy(delta_bias), delta_softplus=delta_softplus, return_last_state=True)
@@ -228,7 +232,7 @@ def _stand_ins():
 
 
 def _no_twin(*args, **kwargs):
-    raise NotImplementedError("this kernel has no minimamba twin")
+    raise NoTwin("this kernel has no minimamba twin")
 
 
 _loaded = {}
