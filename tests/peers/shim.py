@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib
 import importlib.util
 import sys
 import types
@@ -236,26 +237,52 @@ def _no_twin(*args, **kwargs):
 
 
 _loaded = {}
+_packages = {}  # the stand-ins and vendored modules by name, imported once
 
 
-def load_peer_tests(paths):
-    """Import the vendored peer test files (and what they import) as modules; returns them by path.
+@contextlib.contextmanager
+def _installed():
+    """The stand-ins and vendored packages in sys.modules for the duration of some imports only.
 
-    The stand-ins and the vendored packages live in sys.modules only while the imports run,
-    so nothing else in the process (transformers looks for mamba_ssm) ever sees them; the
-    imported functions keep what they bound. Loaded once per process (causal-conv1d
-    registers torch custom ops, which exist once).
+    Nothing else in the process (transformers looks for mamba_ssm) ever sees them; the
+    imported functions keep what they bound. Everything is imported once per process
+    (causal-conv1d registers torch custom ops, which exist once).
     """
-    todo = [Path(p) for p in paths if str(p) not in _loaded]
-    if not todo:
-        return {str(p): _loaded[str(p)] for p in paths}
     before = set(sys.modules)
     try:
-        sys.modules.update(_stand_ins())
-        _load("causal_conv1d", CAUSAL_CONV1D / "causal_conv1d/__init__.py", CAUSAL_CONV1D / "causal_conv1d")
-        for path in todo:
-            _loaded[str(path)] = _load(f"_peer_{path.parent.name}_{path.stem}", path)
+        if _packages:
+            sys.modules.update(_packages)
+        else:
+            sys.modules.update(_stand_ins())
+            _load("causal_conv1d", CAUSAL_CONV1D / "causal_conv1d/__init__.py", CAUSAL_CONV1D / "causal_conv1d")
+            importlib.import_module("mamba_ssm.ops.selective_scan_interface")
+            _packages.update({name: sys.modules[name] for name in set(sys.modules) - before})
+        yield
     finally:
         for name in set(sys.modules) - before:
             del sys.modules[name]
+
+
+def load_peer_tests(paths):
+    """Import the vendored peer test files (and what they import) as modules; returns them by path."""
+    todo = [Path(p) for p in paths if str(p) not in _loaded]
+    if todo:
+        with _installed():
+            for path in todo:
+                _loaded[str(path)] = _load(f"_peer_{path.parent.name}_{path.stem}", path)
     return {str(p): _loaded[str(p)] for p in paths}
+
+
+def load_mamba_ssm():
+    """mamba_ssm 2.3.2.post1's selective_scan_interface (vendored, unchanged) and the
+    selective_state_update module (the stand-in with the vendored reference function)."""
+    with _installed():
+        pass
+    return _packages["mamba_ssm.ops.selective_scan_interface"], _packages["mamba_ssm.ops.triton.selective_state_update"]
+
+
+def load_causal_conv1d():
+    """causal_conv1d 1.7.0's causal_conv1d_interface (vendored, unchanged)."""
+    with _installed():
+        pass
+    return _packages["causal_conv1d.causal_conv1d_interface"]
