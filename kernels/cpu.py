@@ -547,11 +547,7 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
     out = out.astype(x.dtype, copy=False)
     if not return_final_states:
         return out
-    final_states = state.astype(x.dtype, copy=False)  # (b, d, k-1)
-    if final_states_out is not None:
-        final_states_out[...] = final_states
-        final_states = final_states_out
-    return out, final_states
+    return ops.with_final_states(out, state.astype(x.dtype, copy=False), final_states_out)  # (b, d, k-1)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,

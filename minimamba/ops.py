@@ -304,11 +304,15 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
     out = _activation(out, activation).astype(x.dtype, copy=False)
     if not return_final_states:
         return out
-    final_states = x_pad[:, :, l:].astype(x.dtype)  # (b, d, k-1): the last k-1 inputs
-    if final_states_out is not None:
-        final_states_out[...] = final_states
-        final_states = final_states_out
-    return out, final_states
+    return with_final_states(out, x_pad[:, :, l:].astype(x.dtype), final_states_out)  # the last k-1 inputs
+
+
+def with_final_states(out, final_states, final_states_out):
+    """causal_conv1d_fn's (out, final_states (b, d, k-1)), written into final_states_out when given."""
+    if final_states_out is None:
+        return out, final_states
+    final_states_out[...] = final_states
+    return out, final_states_out
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
