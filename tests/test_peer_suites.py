@@ -22,8 +22,13 @@ layouts it does not apply to), when its kernel has no minimamba twin (the varlen
 Triton kernel, complex A), or -- reported separately -- after its forward assertions have
 all passed, when it goes on to a backward pass (minimamba.ops has forward functions only).
 
-Tolerances: the peers' own. Every float32 case so far passes them without help; no error
-envelope is needed (see `test_float32_tolerances_are_met_without_an_envelope`).
+Tolerances: the peers' own. Where one is finer than the case's data allow, the case is
+judged by an error envelope instead (see ENVELOPE_FACTOR below), and says so in its output:
+today mamba_inner_fn's cases (outputs up to ~1e7 summed with cancellation: the float32
+reference itself lies 0.7 to 450 from float64, far beyond atol 2e-3) and a few bfloat16
+selective_state_update cases (the reference reads its state back after rounding it to
+bfloat16; minimamba gets a float32 state from the shim, NumPy having no bfloat16). The
+causal-conv1d file's cases all pass their own tolerances.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ CAUSAL_TESTS = shim.CAUSAL_CONV1D / "tests/test_causal_conv1d.py"
 # Cases per peer test function (None: all). Sized so the whole module runs in about two
 # minutes on 2 shared cores; the big ones are the (4128 x 4096) conv grids.
 BUDGET = {
-    "test_causal_conv1d": 24,
+    "test_causal_conv1d": 40,
     "test_causal_conv1d_update": 40,
     "test_causal_conv1d_update_with_batch_gather": 20,
     "test_causal_conv1d_update_with_padding": 16,
@@ -231,7 +236,8 @@ def _float64_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_soft
 
 SCAN_GRID = [dict(zip(("varBC_groups", "seqlen", "itype", "variant"), c)) for c in itertools.product(
     (1, 2), (128, 372, 1024, 4096), (torch.float32, torch.float16, torch.bfloat16),
-    ("all", "no_z", "no_D_no_bias", "no_softplus", "fixed_B", "fixed_C", "no_last_state"))]
+    ("all", "no_z", "no_D_no_bias", "no_softplus", "fixed_B", "fixed_C", "no_last_state"))
+    if not (c[0] > 1 and c[3] in ("fixed_B", "fixed_C"))]  # the peer test skips grouped B/C unless both vary
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -242,8 +248,6 @@ def test_mamba_ssm_selective_scan(p, impl):
     iface, _ = _mamba()
     v, groups, seqlen, itype = p["variant"], p["varBC_groups"], p["seqlen"], p["itype"]
     var_B, var_C = v != "fixed_B", v != "fixed_C"
-    if groups > 1 and not (var_B and var_C):
-        pytest.skip("the peer test skips grouped B/C unless both vary")
     rtol, atol = (6e-4, 2e-3) if itype == torch.float32 else (3e-3, 5e-3)
     if itype == torch.bfloat16:
         rtol, atol = 3e-2, 5e-2
