@@ -420,16 +420,14 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     out = _empty_bld(b, d, l, ct)  # (b, d, l)
     last_state = np.empty((b, d, n), dtype=ct)  # (b, d, n)
-    B4, C4 = _grouped(B, 4, ct), _grouped(C, 4, ct)  # (b, g, n, l)
-    g = max(B4.shape[1], C4.shape[1])
-    for c in _group_slices(d, g):  # one core call per group of channels sharing B and C
-        j = c.start // (d // g)
+    for c, Bg, Cg in _groups(d, B, C, 4, ct):  # one core call per group of channels sharing B and C
         _core("scan", ct)(
-            _as(u[:, c], ct), _as(delta[:, c], ct), _as(A[c], ct), B4[:, j * B4.shape[1] // g], C4[:, j * C4.shape[1] // g],
-            _dummy(1, ct) if D is None else _as(D[c], ct), _dummy(3, ct) if z is None else _as(z[:, c], ct),
-            _dummy(1, ct) if delta_bias is None else _as(delta_bias[c], ct),
-            _dummy(3, ct) if initial_state is None else _as(initial_state[:, c], ct), out[:, c], last_state[:, c],
-            D is not None, z is not None, delta_bias is not None, initial_state is not None, bool(delta_softplus))
+            _as(_cut(u, c), ct), _as(_cut(delta, c), ct), _as(_cut(A, c, 0), ct), Bg, Cg,
+            _dummy(1, ct) if D is None else _as(_cut(D, c, 0), ct), _dummy(3, ct) if z is None else _as(_cut(z, c), ct),
+            _dummy(1, ct) if delta_bias is None else _as(_cut(delta_bias, c, 0), ct),
+            _dummy(3, ct) if initial_state is None else _as(_cut(initial_state, c), ct), _cut(out, c),
+            _cut(last_state, c), D is not None, z is not None, delta_bias is not None, initial_state is not None,
+            bool(delta_softplus))
     out = out.astype(u.dtype, copy=False)
     return (out, last_state) if return_last_state else out
 
@@ -441,16 +439,25 @@ def _mixed_groups(B, C, ndim):
     return max(gb, gc) % min(gb, gc) != 0
 
 
-def _grouped(M, ndim, ct):
-    """B or C with a groups axis: (b, n[, l]) -> (b, 1, n[, l]); (b, g, n[, l]) as it is."""
-    M = _as(M, ct)
-    return M[:, None] if M.ndim == ndim - 1 else M
+def _groups(d, B, C, ndim, ct):
+    """(channels, B, C) for each group of channels that shares B and C.
 
-
-def _group_slices(d, g):
-    """The channel slices of g equal groups."""
+    channels is None (all of them, no slicing: the Mamba-1 decode path stays as lean as it
+    was) when neither B nor C is grouped; else the slice of group j, with the B and C of
+    that group: (b, n[, l]) arrays either way.
+    """
+    if B.ndim == ndim - 1 and C.ndim == ndim - 1:
+        return [(None, _as(B, ct), _as(C, ct))]
+    B, C = (_as(M, ct) if M.ndim == ndim else _as(M, ct)[:, None] for M in (B, C))  # (b, g, n[, l])
+    g = max(B.shape[1], C.shape[1])
     step = d // g
-    return [slice(j * step, (j + 1) * step) for j in range(g)]
+    return [(slice(j * step, (j + 1) * step), B[:, j * B.shape[1] // g], C[:, j * C.shape[1] // g])
+            for j in range(g)]
+
+
+def _cut(a, channels, axis=1):
+    """The given channels of `a` along `axis` (None: all of them, `a` itself)."""
+    return a if channels is None else a[(slice(None),) * axis + (channels,)]
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -473,7 +480,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
 def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     b, d, n = state.shape
-    if state.dtype not in (np.float32, np.float64) or _mixed_groups(B, C, 3):  # a float16 state: the readable path
+    if state.dtype not in (np.float32, np.float64) or _mixed_groups(B, C, 3):
+        # a float16 state, or B and C in group counts that do not nest: the readable path
         return ops.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     if state.dtype != ct:  # a float32 state in a float64 call: update a float64 copy, write it back
@@ -482,16 +490,12 @@ def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
         state[...] = work
         return out
     out = np.empty((b, d), dtype=ct)
-    B3, C3 = _grouped(B, 3, ct), _grouped(C, 3, ct)  # (b, g, n)
-    g = max(B3.shape[1], C3.shape[1])
     name = "state_update_par" if b * d * n >= PARALLEL_MIN else "state_update"
-    for c in _group_slices(d, g):  # one core call per group of channels sharing B and C
-        j = c.start // (d // g)
+    for c, Bg, Cg in _groups(d, B, C, 3, ct):  # one core call per group of channels sharing B and C
         _core(name, ct)(
-            state[:, c], _as(x[:, c], ct), _as(dt[:, c], ct), _as(A[c], ct),
-            B3[:, j * B3.shape[1] // g], C3[:, j * C3.shape[1] // g],
-            _dummy(1, ct) if D is None else _as(D[c], ct), _dummy(2, ct) if z is None else _as(z[:, c], ct),
-            _dummy(1, ct) if dt_bias is None else _as(dt_bias[c], ct), out[:, c],
+            _cut(state, c), _as(_cut(x, c), ct), _as(_cut(dt, c), ct), _as(_cut(A, c, 0), ct), Bg, Cg,
+            _dummy(1, ct) if D is None else _as(_cut(D, c, 0), ct), _dummy(2, ct) if z is None else _as(_cut(z, c), ct),
+            _dummy(1, ct) if dt_bias is None else _as(_cut(dt_bias, c, 0), ct), _cut(out, c),
             D is not None, z is not None, dt_bias is not None, bool(dt_softplus))
     return out.astype(x.dtype, copy=False)
 
