@@ -231,7 +231,7 @@ def on_heads_as_channels(step, state, x, dt, A, B, C, D, z, dt_bias, **kwargs):
     """Run the single-head `step` on the multi-head arguments (see heads_as_channels); out shaped like x."""
     flat = heads_as_channels(state, x, dt, A, B, C, D, z, dt_bias)
     out = step(*flat, **kwargs)
-    if not array_module(state).shares_memory(flat[0], state):  # the layout forced a copy: write it back
+    if not array_module(state).may_share_memory(flat[0], state):  # the layout forced a copy: write it back
         state[...] = flat[0].reshape(state.shape)
     return out.reshape(x.shape)
 

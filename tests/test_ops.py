@@ -568,3 +568,18 @@ def test_selective_state_update_heads_and_indices_against_plain_loop(impl, data)
     assert_close(f"{impl} state_update heads={heads} out", out, want, tol * max(1.0, float(np.abs(want).max())))
     assert_close(f"{impl} state_update heads={heads} state", state, want_state,
                  tol * max(1.0, float(np.abs(want_state).max())))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multi_head_state_that_cannot_be_flattened_as_a_view_is_still_updated_in_place(impl):
+    rng = np.random.default_rng(0)
+    b, h, p, n = 2, 4, 3, 5
+    state = rng.standard_normal((b, p, h, n)).transpose(0, 2, 1, 3)  # (b, h, p, n); reshape must copy
+    contiguous = np.ascontiguousarray(state)
+    x = rng.standard_normal((b, h, p))
+    A = -np.exp(rng.standard_normal((h, p, n)))
+    B = rng.standard_normal((b, 2, n))
+    out = impl_module(impl).selective_state_update(state, x, x, A, B, B)
+    want = ops.selective_state_update(contiguous, x, x, A, B, B)
+    assert_close(f"{impl} strided state out", out, want, 1e-12)
+    assert_close(f"{impl} strided state", state, contiguous, 1e-12)
