@@ -33,9 +33,13 @@ Speed notes (2-core machine, float32):
     and cached on disk (cache=True), so contiguous and strided inputs share one
     compiled version and the first call in a new process loads, not compiles.
 
-Forms not handled here fall back to minimamba.ops (same result, NumPy speed):
-B/C of shape (d, n) (S4, input-independent) or (b, g, n, l) / (b, g, n) (grouped):
-Mamba-1 checkpoints never use them.
+Every argument of the readable twins is accepted. Grouped B/C ((b, g, n, l), (b, g, n)) and
+mamba_ssm's multi-head state layout run the same cores, one call per group of channels;
+continuous-batching indices (state_batch_indices, conv_state_indices) gather the named
+state rows, run the core, and write them back (ops.on_state_rows). Forms that are rare in
+decoding fall back to minimamba.ops (same result, NumPy speed), each marked where it
+happens: B/C of shape (d, n) (S4, input-independent), causal_conv1d_fn's seq_idx (packed
+variable-length sequences) and causal_conv1d_update's cache_seqlens (a circular conv state).
 """
 
 from __future__ import annotations
@@ -408,43 +412,91 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """Fused selective scan; see `minimamba.ops.selective_scan_ref` for the arguments and maths."""
     _numpy_only(u, delta, A, B, C, D, z, delta_bias, initial_state)
     b, d, l, n = ops.check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if B.shape != (b, n, l) or C.shape != (b, n, l) or B.ndim != 3 or C.ndim != 3:
-        # (d, n) and grouped (b, g, n, l) B/C: the readable path (Mamba-1 uses (b, n, l)).
+    if B.ndim == 2 or C.ndim == 2 or _mixed_groups(B, C, 4):
+        # (d, n) B/C (S4, input-independent; no Mamba checkpoint uses it): the readable path.
         return ops.selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                      delta_softplus=delta_softplus, return_last_state=return_last_state,
                                      initial_state=initial_state)
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     out = _empty_bld(b, d, l, ct)  # (b, d, l)
     last_state = np.empty((b, d, n), dtype=ct)  # (b, d, n)
-    _core("scan", ct)(
-        _as(u, ct), _as(delta, ct), _as(A, ct), _as(B, ct), _as(C, ct),
-        _dummy(1, ct) if D is None else _as(D, ct), _dummy(3, ct) if z is None else _as(z, ct),
-        _dummy(1, ct) if delta_bias is None else _as(delta_bias, ct),
-        _dummy(3, ct) if initial_state is None else _as(initial_state, ct), out, last_state,
-        D is not None, z is not None, delta_bias is not None, initial_state is not None, bool(delta_softplus))
+    for c, Bg, Cg in _groups(d, B, C, 4, ct):  # one core call per group of channels sharing B and C
+        _core("scan", ct)(
+            _as(_cut(u, c), ct), _as(_cut(delta, c), ct), _as(_cut(A, c, 0), ct), Bg, Cg,
+            _dummy(1, ct) if D is None else _as(_cut(D, c, 0), ct), _dummy(3, ct) if z is None else _as(_cut(z, c), ct),
+            _dummy(1, ct) if delta_bias is None else _as(_cut(delta_bias, c, 0), ct),
+            _dummy(3, ct) if initial_state is None else _as(_cut(initial_state, c), ct), _cut(out, c),
+            _cut(last_state, c), D is not None, z is not None, delta_bias is not None, initial_state is not None,
+            bool(delta_softplus))
     out = out.astype(u.dtype, copy=False)
     return (out, last_state) if return_last_state else out
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One decode step, `state` updated in place; see `minimamba.ops.selective_state_update`."""
-    _numpy_only(state, x, dt, A, B, C, D, z, dt_bias)
-    b, d, n = ops.check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
-    if B.ndim == 3 or C.ndim == 3 or state.dtype not in (np.float32, np.float64):  # grouped B/C: readable path
+def _mixed_groups(B, C, ndim):
+    """True when B and C are grouped by counts neither of which divides the other (the readable path)."""
+    gb = B.shape[1] if B.ndim == ndim else 1
+    gc = C.shape[1] if C.ndim == ndim else 1
+    return max(gb, gc) % min(gb, gc) != 0
+
+
+def _groups(d, B, C, ndim, ct):
+    """(channels, B, C) for each group of channels that shares B and C.
+
+    channels is None (all of them, no slicing: the Mamba-1 decode path stays as lean as it
+    was) when neither B nor C is grouped; else the slice of group j, with the B and C of
+    that group: (b, n[, l]) arrays either way.
+    """
+    if B.ndim == ndim - 1 and C.ndim == ndim - 1:
+        return [(None, _as(B, ct), _as(C, ct))]
+    B, C = (_as(M, ct) if M.ndim == ndim else _as(M, ct)[:, None] for M in (B, C))  # (b, g, n[, l])
+    g = max(B.shape[1], C.shape[1])
+    step = d // g
+    return [(slice(j * step, (j + 1) * step), B[:, j * B.shape[1] // g], C[:, j * C.shape[1] // g])
+            for j in range(g)]
+
+
+def _cut(a, channels, axis=1):
+    """The given channels of `a` along `axis` (None: all of them, `a` itself)."""
+    return a if channels is None else a[(slice(None),) * axis + (channels,)]
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_batch_indices=None):
+    """One decode step, `state` updated in place; see `minimamba.ops.selective_state_update`.
+
+    Single-head (b, d, n) or mamba_ssm's multi-head (b, h, p, n) state (heads flattened
+    into channels, ops.heads_as_channels); state_batch_indices gathers and writes back rows.
+    """
+    _numpy_only(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    if state.ndim == 4:
+        return ops.on_heads_as_channels(selective_state_update, state, x, dt, A, B, C, D, z, dt_bias,
+                                        dt_softplus=dt_softplus, state_batch_indices=state_batch_indices)
+    b, d, n = ops.check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    if state_batch_indices is not None:
+        return ops.on_state_rows(_state_update, state, state_batch_indices, x, dt, A, B, C, D, z, dt_bias,
+                                 dt_softplus)
+    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    b, d, n = state.shape
+    if state.dtype not in (np.float32, np.float64) or _mixed_groups(B, C, 3):
+        # a float16 state, or B and C in group counts that do not nest: the readable path
         return ops.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     if state.dtype != ct:  # a float32 state in a float64 call: update a float64 copy, write it back
         work = state.astype(ct)
-        out = selective_state_update(work, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        out = _state_update(work, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
         state[...] = work
         return out
     out = np.empty((b, d), dtype=ct)
     name = "state_update_par" if b * d * n >= PARALLEL_MIN else "state_update"
-    _core(name, ct)(
-        state, _as(x, ct), _as(dt, ct), _as(A, ct), _as(B, ct), _as(C, ct),
-        _dummy(1, ct) if D is None else _as(D, ct), _dummy(2, ct) if z is None else _as(z, ct),
-        _dummy(1, ct) if dt_bias is None else _as(dt_bias, ct), out,
-        D is not None, z is not None, dt_bias is not None, bool(dt_softplus))
+    for c, Bg, Cg in _groups(d, B, C, 3, ct):  # one core call per group of channels sharing B and C
+        _core(name, ct)(
+            _cut(state, c), _as(_cut(x, c), ct), _as(_cut(dt, c), ct), _as(_cut(A, c, 0), ct), Bg, Cg,
+            _dummy(1, ct) if D is None else _as(_cut(D, c, 0), ct), _dummy(2, ct) if z is None else _as(_cut(z, c), ct),
+            _dummy(1, ct) if dt_bias is None else _as(_cut(dt_bias, c, 0), ct), _cut(out, c),
+            D is not None, z is not None, dt_bias is not None, bool(dt_softplus))
     return out.astype(x.dtype, copy=False)
 
 
@@ -475,31 +527,60 @@ def rms_norm(x, weight, eps=1e-5):
     return out.reshape(x.shape)
 
 
-def causal_conv1d_fn(x, weight, bias=None, activation=None):
-    """Causal depthwise conv (+ bias, SiLU); see `minimamba.ops.causal_conv1d_fn`."""
-    _numpy_only(x, weight, bias)
-    b, d, l, _ = ops.check_conv_args(x, weight, bias)
+def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                     final_states_out=None, activation=None):
+    """Causal depthwise conv (+ bias, SiLU); see `minimamba.ops.causal_conv1d_fn`.
+
+    initial_states and the final states use the core's state: it starts the window and
+    is shifted by l at the end, leaving the last k - 1 inputs, the final states.
+    """
+    _numpy_only(x, weight, bias, seq_idx, initial_states, final_states_out)
+    b, d, l, k = ops.check_conv_args(x, weight, bias, seq_idx, initial_states, final_states_out)
+    if seq_idx is not None:  # packed variable-length sequences (rare in inference): the readable path
+        return ops.causal_conv1d_fn(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states,
+                                    return_final_states=return_final_states, final_states_out=final_states_out,
+                                    activation=activation)
     use_silu = _check_activation(activation)
     ct = compute_dtype(x, weight)
+    if initial_states is not None:
+        state = np.array(initial_states, dtype=ct)  # (b, d, k-1), a copy the core shifts
+    else:
+        state = np.zeros((b, d, k - 1) if return_final_states else (0, 0, 0), dtype=ct)
     out = _empty_bld(b, d, l, ct)  # (b, d, l)
-    _conv(_as(x, ct), weight, bias, _dummy(3, ct), out, use_silu)
-    return out.astype(x.dtype, copy=False)
+    _conv(_as(x, ct), weight, bias, state, out, use_silu)
+    out = out.astype(x.dtype, copy=False)
+    if not return_final_states:
+        return out
+    return ops.with_final_states(out, state.astype(x.dtype, copy=False), final_states_out)  # (b, d, k-1)
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
+                         conv_state_indices=None):
     """A few conv steps through `conv_state` (updated in place); see `minimamba.ops.causal_conv1d_update`."""
-    _numpy_only(x, conv_state, weight, bias)
+    _numpy_only(x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
     single = x.ndim == 2
     x3 = x[:, :, None] if single else x  # (b, d, l)
-    b, d, l, k = ops.check_conv_update_args(x3, conv_state, weight, bias)
+    ops.check_conv_update_args(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices)
     use_silu = _check_activation(activation)
+    if cache_seqlens is not None:  # a circular conv state (rare; vLLM-style caches): the readable path
+        return ops.causal_conv1d_update(x, conv_state, weight, bias, activation=activation,
+                                        cache_seqlens=cache_seqlens, conv_state_indices=conv_state_indices)
+    if conv_state_indices is not None:
+        out = ops.on_state_rows(_conv_update, conv_state, conv_state_indices, x3, weight, bias, use_silu)
+    else:
+        out = _conv_update(conv_state, x3, weight, bias, use_silu)
+    return out[:, :, 0] if single else out
+
+
+def _conv_update(conv_state, x, weight, bias, use_silu):
+    """causal_conv1d_update with x (b, d, l) and one conv_state row per batch row."""
+    b, d, l = x.shape
     ct = compute_dtype(x, weight)
     if conv_state.dtype != ct:  # the state keeps its own dtype; work on a copy in the compute dtype
         work = conv_state.astype(ct)
-        out = causal_conv1d_update(x, work, weight, bias, activation)
+        out = _conv_update(work, x, weight, bias, use_silu)
         conv_state[...] = work
         return out
     out = np.empty((b, d, l), dtype=ct) if l == 1 else _empty_bld(b, d, l, ct)
-    _conv(_as(x3, ct), weight, bias, conv_state, out, use_silu)
-    out = out.astype(x.dtype, copy=False)
-    return out[:, :, 0] if single else out
+    _conv(_as(x, ct), weight, bias, conv_state, out, use_silu)
+    return out.astype(x.dtype, copy=False)

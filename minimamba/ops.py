@@ -15,6 +15,7 @@ Dimension names (paper symbols in brackets):
     d  channels (D, the mixer's inner width e in the model)
     n  state size (N)         k  conv width
     g  groups of channels that share B and C (1 for Mamba-1 checkpoints)
+    h  heads, p  channels per head (selective_state_update's multi-head layout, d = h * p)
 
 Arithmetic happens in float32, or float64 when any input is float64 (the
 ground-truth mode); outputs come back in the dtype of `u` / `x`, as the CUDA
@@ -120,36 +121,66 @@ def check_norm_args(x, weight):
                          "weight must be (d,) for x of shape (..., d)")
 
 
-def check_conv_args(x, weight, bias):
+def check_conv_args(x, weight, bias, seq_idx=None, initial_states=None, final_states_out=None):
     """causal_conv1d_fn's arguments; returns (b, d, l, k)."""
+    if isinstance(seq_idx, str):
+        raise TypeError(f"causal_conv1d_fn got {seq_idx!r} as seq_idx: pass activation by keyword, "
+                        "activation='silu' (causal-conv1d's order: x, weight, bias, seq_idx, initial_states, ...)")
     if x.ndim != 3:
         raise ValueError(f"x must have shape (batch, dim, seqlen), got {tuple(x.shape)}")
     b, d, l = x.shape
     if weight.ndim != 2 or weight.shape[0] != d:
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d}, width)")
+    k = weight.shape[1]
     check_shape("bias", bias, (d,))
-    return b, d, l, weight.shape[1]
+    check_shape("seq_idx", seq_idx, (b, l))
+    check_shape("initial_states", initial_states, (b, d, k - 1))
+    check_shape("final_states_out", final_states_out, (b, d, k - 1))
+    return b, d, l, k
 
 
-def check_conv_update_args(x, conv_state, weight, bias):
-    """causal_conv1d_update's arguments, x already (b, d, l); returns (b, d, l, k)."""
+def check_conv_update_args(x, conv_state, weight, bias, cache_seqlens=None, conv_state_indices=None):
+    """causal_conv1d_update's arguments, x already (b, d, l); returns (b, d, l, k).
+
+    conv_state has one row per batch row, or any number of rows when conv_state_indices
+    picks them.
+    """
     if x.ndim != 3:
         raise ValueError(f"x must have shape (batch, dim) or (batch, dim, seqlen), got {tuple(x.shape)}")
     b, d, l = x.shape
     if weight.ndim != 2 or weight.shape[0] != d:
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d}, width)")
     k = weight.shape[1]
-    if conv_state.ndim != 3 or tuple(conv_state.shape[:2]) != (b, d) or conv_state.shape[2] < k - 1:
-        raise ValueError(f"conv_state has shape {tuple(conv_state.shape)}, expected ({b}, {d}, >= {k - 1})")
+    rows = b if conv_state_indices is None else conv_state.shape[0]
+    if conv_state.ndim != 3 or tuple(conv_state.shape[:2]) != (rows, d) or conv_state.shape[2] < k - 1:
+        raise ValueError(f"conv_state has shape {tuple(conv_state.shape)}, expected ({b}, {d}, >= {k - 1})"
+                         + ("" if conv_state_indices is None else " with any number of rows"))
     check_shape("bias", bias, (d,))
+    check_shape("cache_seqlens", cache_seqlens, (b,))
+    check_state_indices("conv_state_indices", conv_state_indices, b, rows)
     return b, d, l, k
 
 
-def check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias):
-    """selective_state_update's arguments; returns (b, d, n)."""
+def check_state_indices(name, indices, b, rows):
+    """Continuous batching indices: (b,) integers below the number of state rows (negative: padding)."""
+    if indices is None:
+        return
+    check_shape(name, indices, (b,))
+    if indices.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers, got dtype {indices.dtype}")
+    if b and int(indices.max()) >= rows:
+        raise ValueError(f"{name} holds {int(indices.max())}, but the state has only {rows} rows")
+
+
+def check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices=None):
+    """selective_state_update's arguments in the single-head layout; returns (b, d, n).
+
+    state has one row per batch row, or any number when state_batch_indices picks them.
+    """
     if state.ndim != 3:
         raise ValueError(f"state must have shape (batch, dim, dstate), got {tuple(state.shape)}")
-    b, d, n = state.shape
+    rows, d, n = state.shape
+    b = rows if state_batch_indices is None else x.shape[0]
     check_shape("x", x, (b, d))
     check_shape("dt", dt, (b, d))
     check_shape("A", A, (d, n))
@@ -160,68 +191,186 @@ def check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias):
         if not (tuple(M.shape) == (b, n) or (M.ndim == 3 and M.shape[0] == b and M.shape[2] == n
                                              and d % M.shape[1] == 0)):
             raise ValueError(f"{name} has shape {tuple(M.shape)}, expected ({b}, {n}) or ({b}, groups, {n})")
+    check_state_indices("state_batch_indices", state_batch_indices, b, rows)
     return b, d, n
+
+
+def heads_as_channels(state, x, dt, A, B, C, D, z, dt_bias):
+    """mamba_ssm's multi-head layout as the single-head one, heads and head dims flattened.
+
+    state (b, h, p, n), x, dt, z (b, h, p), A (h, p, n), B, C (b, g, n), D, dt_bias (h, p)
+    become state (b, h*p, n), x, dt, z (b, h*p), A (h*p, n), D, dt_bias (h*p,): channel
+    c = head * p + i. Group j of B/C serves heads j*h/g .. (j+1)*h/g - 1, which are channels
+    j*d/g .. (j+1)*d/g - 1: exactly the single-head layout's grouping. The maths is per
+    channel, so nothing else changes. The flattened state is a view where the layout
+    allows one (else a copy, which the caller writes back).
+    """
+    if state.ndim != 4:
+        raise ValueError(f"state must have shape (batch, nheads, headdim, dstate), got {tuple(state.shape)}")
+    rows, h, p, n = state.shape
+    b = x.shape[0]
+    check_shape("x", x, (b, h, p))
+    check_shape("dt", dt, (b, h, p))
+    check_shape("A", A, (h, p, n))
+    check_shape("D", D, (h, p))
+    check_shape("z", z, (b, h, p))
+    check_shape("dt_bias", dt_bias, (h, p))
+    for name, M in (("B", B), ("C", C)):
+        if M.ndim != 3 or tuple(M.shape[::2]) != (b, n) or h % M.shape[1] != 0:
+            raise ValueError(f"{name} has shape {tuple(M.shape)}, expected ({b}, groups, {n}) "
+                             f"with groups dividing nheads = {h}")
+
+    def flat(a, shape):
+        return None if a is None else a.reshape(shape)
+    d = h * p
+    return (state.reshape(rows, d, n), flat(x, (b, d)), flat(dt, (b, d)), A.reshape(d, n), B, C,
+            flat(D, (d,)), flat(z, (b, d)), flat(dt_bias, (d,)))
+
+
+def on_heads_as_channels(step, state, x, dt, A, B, C, D, z, dt_bias, **kwargs):
+    """Run the single-head `step` on the multi-head arguments (see heads_as_channels); out shaped like x."""
+    flat = heads_as_channels(state, x, dt, A, B, C, D, z, dt_bias)
+    out = step(*flat, **kwargs)
+    if not array_module(state).may_share_memory(flat[0], state):  # the layout forced a copy: write it back
+        state[...] = flat[0].reshape(state.shape)
+    return out.reshape(x.shape)
+
+
+def on_state_rows(step, state, indices, *args, **kwargs):
+    """Continuous batching: batch row i reads and writes state[indices[i]].
+
+    `step(rows, *args, **kwargs)` runs on a gathered copy of those rows (one per batch
+    row), which is then written back. A negative index marks a padded batch row: its
+    output is 0 and no state row is touched (as mamba_ssm's and causal-conv1d's kernels
+    do). Returns step's output.
+    """
+    xp = array_module(state)
+    valid = indices >= 0  # (b,)
+    rows = state[xp.where(valid, indices, 0)]  # (b, ...) a copy
+    rows[~valid] = 0
+    out = step(rows, *args, **kwargs)
+    state[indices[valid]] = rows[valid]
+    out[~valid] = 0
+    return out
 
 
 # ---------------------------------------------------------------- causal conv
 
 
-def causal_conv1d_fn(x, weight, bias=None, activation=None):
+def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                     final_states_out=None, activation=None):
     """Causal depthwise conv over the sequence: out[t] = sum_j w[j] x[t - (k-1) + j].
 
     Args:
         x: (b, d, l)
         weight: (d, k); weight[:, k-1] multiplies the current position
         bias: (d,) or None
+        seq_idx: (b, l) integers or None: several sequences packed into one row; position t
+            sees only the earlier positions of its own sequence, seq_idx[:, t]. Where
+            seq_idx < 0 (padding) the output is 0.
+        initial_states: (b, d, k-1) or None (zeros): the k-1 inputs before x[:, :, 0]. With
+            seq_idx they belong to the sequence of position 0.
+        return_final_states: also return the last k-1 inputs of [initial_states, x], what
+            causal_conv1d_update's conv_state holds after this sequence (not with seq_idx)
+        final_states_out: (b, d, k-1) or None: written with the final states, and returned
         activation: None, "silu" or "swish"
-    Returns: (b, d, l), the dtype of x.
+    Returns: out (b, d, l) in the dtype of x; and the final states (b, d, k-1), also in the
+    dtype of x, when return_final_states.
 
     The cross-correlation of torch's Conv1d with padding k-1, keeping the first
     l outputs: position t sees only x[t-k+1 .. t].
     """
     xp = array_module(x)
-    b, d, l, k = check_conv_args(x, weight, bias)
+    b, d, l, k = check_conv_args(x, weight, bias, seq_idx, initial_states, final_states_out)
+    if seq_idx is not None and return_final_states:
+        raise ValueError("return_final_states is not supported with seq_idx (as in causal-conv1d)")
     ct = compute_dtype(x, weight)
-    x_pad = xp.zeros((b, d, l + k - 1), dtype=ct)  # (b, d, k-1+l): k-1 zeros on the left
-    x_pad[:, :, k - 1:] = x
+    left = xp.zeros((b, d, k - 1), dtype=ct) if initial_states is None else initial_states.astype(ct)
+    x_pad = xp.concatenate([left, x.astype(ct)], axis=2)  # (b, d, k-1+l): what the first outputs see
+    if seq_idx is not None:
+        # the sequence each padded position belongs to: initial states go with position 0's, zeros with none
+        first = seq_idx[:, :1] if initial_states is not None else xp.full((b, 1), -1, dtype=seq_idx.dtype)
+        seq_pad = xp.concatenate([xp.broadcast_to(first, (b, k - 1)), seq_idx], axis=1)  # (b, k-1+l)
     out = xp.zeros((b, d, l), dtype=ct)  # (b, d, l)
     for j in range(k):
-        out += weight[None, :, j:j + 1].astype(ct) * x_pad[:, :, j:j + l]
+        tap = weight[None, :, j:j + 1].astype(ct) * x_pad[:, :, j:j + l]  # (b, d, l)
+        if seq_idx is not None:
+            tap = tap * (seq_pad[:, None, j:j + l] == seq_idx[:, None, :])  # only inputs of the same sequence
+        out += tap
     if bias is not None:
         out += bias.astype(ct)[None, :, None]
-    return _activation(out, activation).astype(x.dtype, copy=False)
+    if seq_idx is not None:
+        out = xp.where(seq_idx[:, None, :] < 0, ct.type(0), out)  # padding positions give 0
+    out = _activation(out, activation).astype(x.dtype, copy=False)
+    if not return_final_states:
+        return out
+    return with_final_states(out, x_pad[:, :, l:].astype(x.dtype), final_states_out)  # the last k-1 inputs
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+def with_final_states(out, final_states, final_states_out):
+    """causal_conv1d_fn's (out, final_states (b, d, k-1)), written into final_states_out when given."""
+    if final_states_out is None:
+        return out, final_states
+    final_states_out[...] = final_states
+    return out, final_states_out
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
+                         conv_state_indices=None):
     """One step (or a few) of the causal conv, reading and writing `conv_state`.
 
     Args:
         x: (b, d) or (b, d, l): the new pre-conv inputs
         conv_state: (b, d, s) with s >= k - 1: the last s inputs seen; updated in place
         weight: (d, k); bias: (d,) or None; activation: None, "silu" or "swish"
+        cache_seqlens: (b,) integers or None. None: conv_state holds the inputs in order,
+            oldest first, and is shifted left by l. Given: conv_state is a circular
+            buffer; cache_seqlens[i] inputs have been seen, input number m sits at slot
+            m % s, and the new ones are written at cache_seqlens[i] + 0 .. l-1 (mod s).
+        conv_state_indices: (b,) integers or None: batch row i uses conv_state[indices[i]]
+            (continuous batching); a negative index is a padded row: output 0, no state touched.
     Returns: the conv output, shape and dtype of x.
 
     Same result as running causal_conv1d_fn over [everything seen so far, x]
     and keeping the last outputs: the state plays the part of the left padding
     (a zero state is exactly the zero padding of a fresh sequence).
     """
-    xp = array_module(x)
     single = x.ndim == 2
-    if single:
-        x = x[:, :, None]  # (b, d, 1)
-    b, d, l, k = check_conv_update_args(x, conv_state, weight, bias)
+    x3 = x[:, :, None] if single else x  # (b, d, l)
+    check_conv_update_args(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices)
+    if conv_state_indices is not None:
+        out = on_state_rows(_conv_update, conv_state, conv_state_indices, x3, weight, bias, activation,
+                            cache_seqlens)
+    else:
+        out = _conv_update(conv_state, x3, weight, bias, activation, cache_seqlens)
+    return out[:, :, 0] if single else out
+
+
+def _conv_update(conv_state, x, weight, bias, activation, cache_seqlens):
+    """causal_conv1d_update with x (b, d, l) and one conv_state row per batch row."""
+    xp = array_module(x)
+    b, d, l, k = check_conv_update_args(x, conv_state, weight, bias, cache_seqlens)
     s = conv_state.shape[2]
     ct = compute_dtype(x, weight)
-    full = xp.concatenate([conv_state.astype(ct), x.astype(ct)], axis=2)  # (b, d, s + l)
-    start = s - (k - 1)  # first input the first new output can see
+    if cache_seqlens is None:
+        full = xp.concatenate([conv_state.astype(ct), x.astype(ct)], axis=2)  # (b, d, s + l)
+        start = s - (k - 1)  # first input the first new output can see
+        conv_state[...] = full[:, :, -s:]
+    else:
+        seen = cache_seqlens.astype(np.int64)  # (b,)
+        last = (seen[:, None] + xp.arange(-(k - 1), 0)) % s  # (b, k-1): slots of the k-1 latest inputs
+        left = xp.take_along_axis(conv_state, last[:, None, :], axis=2)  # (b, d, k-1)
+        full = xp.concatenate([left.astype(ct), x.astype(ct)], axis=2)  # (b, d, k-1 + l)
+        start = 0
+        rows = xp.arange(b)
+        for t in range(l):  # write the new inputs into the ring, one step at a time
+            conv_state[rows, :, (seen + t) % s] = x[:, :, t]
     out = xp.zeros((b, d, l), dtype=ct)
     for j in range(k):
         out += weight[None, :, j:j + 1].astype(ct) * full[:, :, start + j:start + j + l]
     if bias is not None:
         out += bias.astype(ct)[None, :, None]
-    conv_state[...] = full[:, :, -s:]
-    out = _activation(out, activation).astype(x.dtype, copy=False)
-    return out[:, :, 0] if single else out
+    return _activation(out, activation).astype(x.dtype, copy=False)
 
 
 # ---------------------------------------------------------------- selective scan
@@ -359,17 +508,35 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return (out, h) if return_last_state else out
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_batch_indices=None):
     """One step of the selective scan for decoding, updating `state` in place.
 
-    Args:
+    Args, in the single-head layout (Mamba-1):
         state: (b, d, n), updated in place
         x, dt: (b, d)   A: (d, n)   B, C: (b, n) or (b, g, n)
         D: (d,)  z: (b, d)  dt_bias: (d,)
-    Returns: out (b, d) in x's dtype.
+    or in mamba_ssm's multi-head layout (h heads of p channels each):
+        state: (b, h, p, n)  x, dt, z: (b, h, p)  A: (h, p, n)
+        B, C: (b, g, n), group j shared by heads j*h/g .. (j+1)*h/g - 1
+        D, dt_bias: (h, p)
+    state_batch_indices: (b,) integers or None: batch row i uses state[indices[i]]
+        (continuous batching); a negative index is a padded row: output 0, no state touched.
+    Returns: out, shaped like x, in x's dtype. The state keeps its dtype.
 
     Exactly one iteration of the loop in `selective_scan_ref`.
     """
+    if state.ndim == 4:  # multi-head: the same maths per channel, heads flattened into channels
+        return on_heads_as_channels(selective_state_update, state, x, dt, A, B, C, D, z, dt_bias,
+                                    dt_softplus=dt_softplus, state_batch_indices=state_batch_indices)
+    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    if state_batch_indices is not None:
+        return on_state_rows(_state_update, state, state_batch_indices, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """selective_state_update in the single-head layout, one state row per batch row."""
     b, d, n = check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     xp = array_module(x)
     ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
@@ -385,5 +552,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     dBu = dt[..., None] * B * u[..., None]  # (b, d, n)
     h = state.astype(ct) * dA + dBu  # (b, d, n)
     state[...] = h
+    if state.dtype.itemsize < 4:
+        # NOTE: a float16 state is read back as stored, rounded, as selective_state_update_ref
+        # reads it (and the next step will); float32 and float64 states give h itself.
+        h = state.astype(ct)
     y = (h * C).sum(axis=-1)  # (b, d)
     return _finish(y, u, D, z, x.dtype, ct)

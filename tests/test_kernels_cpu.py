@@ -205,18 +205,30 @@ def test_fast_exp_accuracy():
     assert out[0] == 0 and out[1] == 0 and out[2] == np.inf and out[3] == np.inf and np.isnan(out[4])
 
 
-def test_grouped_B_C_fall_back_to_ops():
-    rng = np.random.default_rng(5)
-    b, d, l, n, g = 2, 8, 6, 3, 2
-    u = rng.standard_normal((b, d, l))
-    delta = rng.standard_normal((b, d, l))
-    A = -np.exp(rng.standard_normal((d, n)))
-    # NOTE: the (d, n) form also falls back, but ops.selective_scan_ref itself fails on it for l > 1
-    # (B[..., t] on a (1, d, n, 1) array); reported, so it is not tested here.
-    for B in (rng.standard_normal((b, g, n, l)),):
-        got = cpu.selective_scan_fn(u, delta, A, B, B, delta_softplus=True)
-        want = ops.selective_scan_ref(u, delta, A, B, B, delta_softplus=True)
-        check("scan fallback", got, want, np.float64)
+@settings(deadline=None, max_examples=30)
+@given(p=dims, groups=st.sampled_from([(1, 2), (2, 2), (2, 4), (4, 1), (2, 3), ("dn", "dn")]),
+       with_D=st.booleans(), with_z=st.booleans(), softplus=st.booleans())
+def test_grouped_and_fixed_B_C_match_reference(p, groups, with_D, with_z, softplus):
+    """Grouped B/C run the core once per group of channels (B and C may have different group
+    counts); counts neither of which divides the other, and (d, n) B/C, take the readable path."""
+    kw = scan_inputs(p, with_D, with_z, False, False, softplus)
+    rng = np.random.default_rng(p["seed"] + 1)
+    b, l, n = p["b"], p["l"], p["n"]
+    lcm = int(np.lcm(*(g if g != "dn" else 1 for g in groups)))
+    d = lcm * max(1, p["d"] // lcm)
+    raw = rng.standard_normal((b, d, l))
+    kw.update(u=rng.standard_normal((b, d, l)).astype(p["dtype"]),
+              delta=(raw - 1.0 if softplus else np.exp(raw - 2.0)).astype(p["dtype"]),
+              A=-np.exp(rng.standard_normal((d, n))).astype(p["dtype"]),
+              D=None if kw["D"] is None else rng.standard_normal(d).astype(p["dtype"]),
+              z=None if kw["z"] is None else rng.standard_normal((b, d, l)).astype(p["dtype"]))
+    for name, g in zip("BC", groups):
+        shape = (d, n) if g == "dn" else (b, n, l) if g == 1 else (b, g, n, l)
+        kw[name] = rng.standard_normal(shape).astype(p["dtype"])
+    got, got_state = cpu.selective_scan_fn(**kw, delta_softplus=softplus, return_last_state=True)
+    want, want_state = ops.selective_scan_ref(**as64(kw), delta_softplus=softplus, return_last_state=True)
+    check(f"grouped scan {groups}", got, want, p["dtype"])
+    check(f"grouped scan {groups} state", got_state, want_state, p["dtype"])
 
 
 def test_mixed_dtypes_compute_in_float64_and_return_u_dtype():

@@ -260,7 +260,7 @@ def test_causal_conv1d_update_in_chunks_equals_one_pass(problem, data):
         else:
             outs.append(ops.causal_conv1d_update(x[:, :, t:t + size], state, weight, bias, activation))
         t += size
-    want = ops.causal_conv1d_fn(x, weight, bias, activation)
+    want = ops.causal_conv1d_fn(x, weight, bias, activation=activation)
     tol = {np.float32: 1e-6, np.float64: 1e-14}[dtype]
     assert_close("conv update chunks", np.concatenate(outs, axis=2), want, tol * max(1.0, float(np.abs(want).max())))
     s = state.shape[2]
@@ -342,3 +342,244 @@ def test_state_update_and_conv_shape_errors():
         ops.causal_conv1d_fn(np.zeros((1, 4, 5)), np.zeros((4, 2)), activation="relu")
     with pytest.raises(ValueError, match=r"conv_state has shape \(1, 4, 1\), expected \(1, 4, >= 2\)"):
         ops.causal_conv1d_update(np.zeros((1, 4)), np.zeros((1, 4, 1)), np.zeros((4, 3)))
+
+
+# ---------------------------------------------------------------- the peers' other arguments
+# seq_idx, initial_states and final states of causal_conv1d_fn; cache_seqlens and
+# conv_state_indices of causal_conv1d_update; the multi-head layout and state_batch_indices of
+# selective_state_update. Each against a scalar loop written from causal-conv1d's and mamba_ssm's
+# documented semantics, for the readable functions and for the Numba twins (same tolerances as
+# above for ops; 2e-5 of the scale for float32 Numba, whose exp is within 2 ulp).
+
+IMPLS = ["ops", "numba"]
+IMPL_TOL = {("ops", np.float32): 5e-6, ("ops", np.float64): 1e-12,
+            ("numba", np.float32): 2e-5, ("numba", np.float64): 1e-12}
+
+
+def impl_module(impl):
+    if impl == "ops":
+        return ops
+    pytest.importorskip("numba")
+    from minimamba.kernels import cpu
+    return cpu
+
+
+def plain_conv_states(x, weight, bias, silu, seq_idx, initial_states):
+    """causal_conv1d_fn with seq_idx / initial_states, one scalar at a time; returns (out, final_states)."""
+    b, d, l = x.shape
+    k = weight.shape[1]
+    out = np.zeros((b, d, l))
+    final = np.zeros((b, d, k - 1))
+    for i in range(b):
+        for c in range(d):
+            def value(src):  # input at position src (negative: the initial states), and its sequence
+                if src >= 0:
+                    return float(x[i, c, src]), None if seq_idx is None else int(seq_idx[i, src])
+                if initial_states is None:
+                    return 0.0, None
+                return float(initial_states[i, c, k - 1 + src]), None if seq_idx is None else int(seq_idx[i, 0])
+            for t in range(l):
+                acc = 0.0 if bias is None else float(bias[c])
+                for j in range(k):
+                    v, seq = value(t - (k - 1) + j)
+                    if seq_idx is None or seq == int(seq_idx[i, t]):
+                        acc += float(weight[c, j]) * v
+                if seq_idx is not None and seq_idx[i, t] < 0:
+                    acc = 0.0
+                out[i, c, t] = plain_silu(acc) if silu else acc
+            for j in range(k - 1):
+                final[i, c, j] = value(l - (k - 1) + j)[0]
+    return out, final
+
+
+@st.composite
+def conv_state_problems(draw):
+    x, weight, bias, activation, dtype = draw(conv_problems())
+    b, d, l = x.shape
+    k = weight.shape[1]
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    initial_states = rng.standard_normal((b, d, k - 1)).astype(dtype) if draw(st.booleans()) else None
+    seq_idx = None
+    if draw(st.booleans()):  # packed sequences: non-decreasing ids, maybe a padded (-1) tail
+        starts = np.sort(rng.integers(0, 3, (b, l)), axis=1).astype(np.int32)
+        pad = draw(st.integers(0, l - 1))
+        seq_idx = starts if pad == 0 else np.concatenate([starts[:, :l - pad], np.full((b, pad), -1, np.int32)], 1)
+    return x, weight, bias, activation, dtype, seq_idx, initial_states
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(deadline=None, max_examples=40)
+@given(conv_state_problems(), st.booleans())
+def test_causal_conv1d_fn_states_and_seq_idx_against_plain_loop(impl, problem, into_out):
+    x, weight, bias, activation, dtype, seq_idx, initial_states = problem
+    k = weight.shape[1]
+    want, want_final = plain_conv_states(x.astype(np.float64), weight.astype(np.float64),
+                                         None if bias is None else bias.astype(np.float64), activation is not None,
+                                         seq_idx, None if initial_states is None else initial_states.astype(np.float64))
+    fn = impl_module(impl).causal_conv1d_fn
+    tol = IMPL_TOL[impl, dtype] * max(1.0, float(np.abs(want).max()))
+    if seq_idx is not None:  # final states are undefined across packed sequences, as in causal-conv1d
+        out = fn(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states, activation=activation)
+        assert out.dtype == dtype
+        assert_close(f"{impl} causal_conv1d_fn seq_idx", out, want, tol)
+        with pytest.raises(ValueError, match="seq_idx"):
+            fn(x, weight, bias, seq_idx=seq_idx, return_final_states=True)
+        return
+    final_out = np.full((x.shape[0], x.shape[1], k - 1), np.nan, dtype=dtype) if into_out else None
+    out, final = fn(x, weight, bias, initial_states=initial_states, return_final_states=True,
+                    final_states_out=final_out, activation=activation)
+    assert out.dtype == dtype and final.dtype == dtype and (final is final_out or not into_out)
+    assert_close(f"{impl} causal_conv1d_fn initial_states", out, want, tol)
+    np.testing.assert_array_equal(final, want_final.astype(dtype))  # the last k-1 inputs, exactly
+
+
+def plain_conv_update(x, conv_state, weight, bias, silu, cache_seqlens, indices):
+    """causal_conv1d_update, scalar loops; returns (out, the new conv_state)."""
+    b, d, l = x.shape
+    k = weight.shape[1]
+    s = conv_state.shape[2]
+    state = conv_state.astype(np.float64)
+    out = np.zeros((b, d, l))
+    for i in range(b):
+        row = i if indices is None else int(indices[i])
+        if row < 0:
+            continue  # a padded batch row: output 0, no state touched
+        for c in range(d):
+            if cache_seqlens is None:  # in order, oldest first
+                seen = list(state[row, c]) + [float(v) for v in x[i, c]]
+                first = s - (k - 1)
+            else:  # a ring: input m at slot m % s
+                m = int(cache_seqlens[i])
+                seen = [state[row, c, (m - (k - 1) + j) % s] for j in range(k - 1)] + [float(v) for v in x[i, c]]
+                first = 0
+            for t in range(l):
+                acc = 0.0 if bias is None else float(bias[c])
+                for j in range(k):
+                    acc += float(weight[c, j]) * seen[first + t + j]
+                out[i, c, t] = plain_silu(acc) if silu else acc
+            if cache_seqlens is None:
+                state[row, c] = seen[-s:]
+            else:
+                for t in range(l):
+                    state[row, c, (m + t) % s] = float(x[i, c, t])
+    return out, state
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(deadline=None, max_examples=40)
+@given(conv_problems(), st.data())
+def test_causal_conv1d_update_ring_and_indices_against_plain_loop(impl, problem, data):
+    x, weight, bias, activation, dtype = problem
+    b, d, l = x.shape
+    k = weight.shape[1]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    s = max(k - 1, 1) + data.draw(st.integers(0, 3))
+    ring = data.draw(st.booleans())
+    cache_seqlens = rng.integers(0, 50, b).astype(np.int32) if ring else None
+    indices = None
+    rows = b
+    if data.draw(st.booleans()):  # continuous batching: rows picked from a bigger state, some padded
+        rows = b + data.draw(st.integers(0, 3))
+        indices = rng.permutation(rows)[:b].astype(np.int32)
+        indices[rng.random(b) < 0.3] = -1
+    conv_state = rng.standard_normal((rows, d, s)).astype(dtype)
+    want, want_state = plain_conv_update(x, conv_state, weight.astype(np.float64),
+                                         None if bias is None else bias.astype(np.float64),
+                                         activation is not None, cache_seqlens, indices)
+    single = l == 1 and data.draw(st.booleans())
+    out = impl_module(impl).causal_conv1d_update(x[:, :, 0] if single else x, conv_state, weight, bias,
+                                                 activation=activation, cache_seqlens=cache_seqlens,
+                                                 conv_state_indices=indices)
+    out = out[:, :, None] if single else out
+    assert out.dtype == dtype
+    assert_close(f"{impl} causal_conv1d_update ring={ring} indices={indices is not None}", out, want,
+                 IMPL_TOL[impl, dtype] * max(1.0, float(np.abs(want).max())))
+    np.testing.assert_array_equal(conv_state, want_state.astype(dtype))  # inputs are stored exactly
+
+
+def plain_state_update_heads(state, x, dt, A, B, C, D, z, dt_bias, softplus, indices):
+    """mamba_ssm's multi-head selective_state_update, scalar loops; returns (out, the new state)."""
+    rows, h, p, n = state.shape
+    b, g = x.shape[0], B.shape[1]
+    new = state.astype(np.float64)
+    out = np.zeros((b, h, p))
+    for i in range(b):
+        row = i if indices is None else int(indices[i])
+        if row < 0:
+            continue
+        for hh in range(h):
+            grp = hh // (h // g)
+            for q in range(p):
+                delta = float(dt[i, hh, q]) + (0.0 if dt_bias is None else float(dt_bias[hh, q]))
+                delta = plain_softplus(delta) if softplus else delta
+                y = 0.0
+                for s in range(n):
+                    new[row, hh, q, s] = (math.exp(delta * float(A[hh, q, s])) * new[row, hh, q, s]
+                                          + delta * float(B[i, grp, s]) * float(x[i, hh, q]))
+                    y += float(C[i, grp, s]) * new[row, hh, q, s]
+                if D is not None:
+                    y += float(D[hh, q]) * float(x[i, hh, q])
+                if z is not None:
+                    y *= plain_silu(float(z[i, hh, q]))
+                out[i, hh, q] = y
+    return out, new
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(deadline=None, max_examples=40)
+@given(st.data())
+def test_selective_state_update_heads_and_indices_against_plain_loop(impl, data):
+    """Multi-head (b, h, p, n) and, flattened, the single-head grouped layout; optional state_batch_indices."""
+    draw = data.draw
+    b, g = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2]))
+    h, p, n = g * draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    dtype = draw(DTYPES)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    indices, rows = None, b
+    if draw(st.booleans()):
+        rows = b + draw(st.integers(0, 3))
+        indices = rng.permutation(rows)[:b].astype(np.int64)
+        indices[rng.random(b) < 0.3] = -1
+    softplus = draw(st.booleans())
+    args = dict(
+        x=rng.standard_normal((b, h, p)), dt=rng.standard_normal((b, h, p)) * 0.5 + (0.0 if softplus else 1.0),
+        A=-np.exp(rng.standard_normal((h, p, n)) * 0.5), B=rng.standard_normal((b, g, n)),
+        C=rng.standard_normal((b, g, n)),
+        D=rng.standard_normal((h, p)) if draw(st.booleans()) else None,
+        z=rng.standard_normal((b, h, p)) if draw(st.booleans()) else None,
+        dt_bias=rng.uniform(0, 0.5, (h, p)) if draw(st.booleans()) else None)
+    if not softplus:
+        args["dt"] = np.abs(args["dt"])
+    args = {k: (None if v is None else v.astype(dtype)) for k, v in args.items()}
+    state = rng.standard_normal((rows, h, p, n)).astype(dtype)
+    want, want_state = plain_state_update_heads(state, **args, softplus=softplus, indices=indices)
+    fn = impl_module(impl).selective_state_update
+    heads = draw(st.booleans())
+    if heads:
+        out = fn(state, **args, dt_softplus=softplus, state_batch_indices=indices)
+    else:  # the same problem in the single-head layout: channels h*p, B/C grouped over channels
+        flat = {k: (None if v is None else v.reshape(v.shape[:-2] + (h * p,) if k != "A" else (h * p, n)))
+                for k, v in args.items() if k not in ("B", "C")}
+        flat_state = state.reshape(rows, h * p, n)  # a view: updated in place
+        out = fn(flat_state, **flat, B=args["B"], C=args["C"], dt_softplus=softplus,
+                 state_batch_indices=indices).reshape(b, h, p)
+    assert out.dtype == dtype and out.shape == (b, h, p)
+    tol = IMPL_TOL[impl, dtype]
+    assert_close(f"{impl} state_update heads={heads} out", out, want, tol * max(1.0, float(np.abs(want).max())))
+    assert_close(f"{impl} state_update heads={heads} state", state, want_state,
+                 tol * max(1.0, float(np.abs(want_state).max())))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multi_head_state_that_cannot_be_flattened_as_a_view_is_still_updated_in_place(impl):
+    rng = np.random.default_rng(0)
+    b, h, p, n = 2, 4, 3, 5
+    state = rng.standard_normal((b, p, h, n)).transpose(0, 2, 1, 3)  # (b, h, p, n); reshape must copy
+    contiguous = np.ascontiguousarray(state)
+    x = rng.standard_normal((b, h, p))
+    A = -np.exp(rng.standard_normal((h, p, n)))
+    B = rng.standard_normal((b, 2, n))
+    out = impl_module(impl).selective_state_update(state, x, x, A, B, B)
+    want = ops.selective_state_update(contiguous, x, x, A, B, B)
+    assert_close(f"{impl} strided state out", out, want, 1e-12)
+    assert_close(f"{impl} strided state", state, contiguous, 1e-12)
