@@ -106,8 +106,10 @@ def reference_allowed(x, temperature, top_k, top_p, min_p, tol):
     tol > 0 gives a superset of the exact answer (ties and rounding resolved in favour
     of keeping), tol < 0 a subset; the implementation's set must lie between them.
     """
-    m0 = max(x)  # shift by the row max before dividing, as apply_temperature does (same softmax;
-    s = [(v - m0) / temperature for v in x]  # rounding of the shift can create ties, which top_k keeps)
+    # Shift by the row max before dividing, as apply_temperature does (same softmax; rounding of the
+    # shift can create ties, which top_k keeps). T = 1 is no processor at all, as in transformers: no shift.
+    m0 = max(x) if temperature != 1.0 else 0.0
+    s = [(v - m0) / temperature for v in x]
     alive = set(range(len(s)))
     if top_k:
         kth = sorted(s, reverse=True)[min(top_k, len(s)) - 1]
