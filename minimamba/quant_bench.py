@@ -97,7 +97,7 @@ def run_quant_bench(args):
             step = min(decode[name]) / args.new_tokens
             bound = f"{_decode_bytes(m) / bandwidth / step:.0%}"
         print(f"{name:12}{nbytes / 1e6:>8.1f}{nbytes / f32_bytes:>7.1%}{n_pre / min(prefill[name]):>15.0f}"
-              f"{pre_ratio:>7.2f}{rates[-1]:>14.1f}{f"{rates[0]:.1f}..{rates[-1]:.1f}":>16}"
+              f"{pre_ratio:>7.2f}{rates[-1]:>14.1f}{f'{rates[0]:.1f}..{rates[-1]:.1f}':>16}"
               f"{f'{np.median(ratios):.2f} ({ratios[0]:.2f}..{ratios[-1]:.2f})':>28}{bound:>12}")
 
     print()
