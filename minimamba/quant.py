@@ -330,7 +330,7 @@ def read_quantization_config(qconfig, source):
         raise QuantizationError(f"{source}: quantization_config.quant_method {qconfig.get('quant_method')!r} "
                                 "is not minimamba's; this loader reads only its own packed format")
     scheme, block_size, modules = qconfig.get("scheme"), qconfig.get("block_size"), qconfig.get("modules")
-    check_scheme(scheme, block_size)
+    check_scheme("int8" if scheme == "mixed" else scheme, block_size)  # "mixed": each tensor's dtype says
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise QuantizationError(f"{source}: quantization_config.modules must be a list of tensor names")
     return scheme, block_size, modules
@@ -353,14 +353,15 @@ def load_quantized_state(tensors, config, qconfig, source):
         if name + SCALE_SUFFIX not in tensors:
             raise QuantizationError(f"{source}: missing scale tensor {name + SCALE_SUFFIX!r} for {name!r}")
         qs, scales = tensors.pop(name), tensors.pop(name + SCALE_SUFFIX)
+        kind = scheme if scheme != "mixed" else ("int8" if qs.dtype == np.int8 else "int4")
         n, k = shapes[name]
-        packed = (n, k if scheme == "int8" else k // 2)
+        packed = (n, k if kind == "int8" else k // 2)
         if tuple(qs.shape) != packed or tuple(scales.shape) != (n, k // block_size):
             raise QuantizationError(f"{source}: {name} is {tuple(qs.shape)} with scales {tuple(scales.shape)}; "
-                                    f"{scheme} in blocks of {block_size} of a {(n, k)} matrix needs {packed} and "
+                                    f"{kind} in blocks of {block_size} of a {(n, k)} matrix needs {packed} and "
                                     f"{(n, k // block_size)}")
         try:
-            state[name] = QuantizedWeight(scheme, qs, scales, block_size)
+            state[name] = QuantizedWeight(kind, qs, scales, block_size)
         except QuantizationError as err:
             raise QuantizationError(f"{source}: {name}: {err}") from None
     head = tensors.pop("lm_head.weight", None)
