@@ -16,6 +16,9 @@ def cmd_info(args):
     from .config import MambaConfig
     from .weights import load_state_dict, read_checkpoint, resolve_model_dir
 
+    if str(args.model).endswith(".gguf"):  # a llama.cpp file: minimamba.gguf reads it
+        from .gguf import print_info
+        return print_info(args.model)
     folder = resolve_model_dir(args.model)
     config = MambaConfig.from_pretrained(folder)
     raw = read_checkpoint(folder)

@@ -211,6 +211,9 @@ def gguf_tokenizer(path):
     from .tokenizer import Tokenizer
 
     reader = open_gguf(path)
+    if "tokenizer.ggml.model" not in reader.fields:
+        raise GGUFError(f"{path} holds no tokenizer (no tokenizer.ggml.* keys); name one with --tokenizer "
+                        "(or tokenizer=), e.g. the tokenizer.json of the checkpoint it came from")
     kind = _field(reader, "tokenizer.ggml.model", str, path)
     if kind != "gpt2":
         raise GGUFError(f"{path}: tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level BPE, as GPT-NeoX) "
@@ -299,3 +302,26 @@ def write_gguf(model, path, tokenizer_json=None):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def print_info(path):
+    """`minimamba info FILE.gguf`: the config, and the tensors by type with their bytes."""
+    reader = open_gguf(path)
+    config = read_config(reader, path)
+    by_type = {}
+    for t in reader.tensors:
+        kind = _gguf().GGMLQuantizationType(t.tensor_type).name
+        count, nbytes = by_type.get(kind, (0, 0))
+        by_type[kind] = (count + 1, nbytes + int(t.n_bytes))
+    n_params = sum(int(np.prod(t.shape)) for t in reader.tensors)
+    print(f"model        {path} (GGUF, architecture mamba)")
+    print(f"layers       {config.num_hidden_layers}")
+    print(f"hidden_size  {config.hidden_size} (d)   intermediate_size {config.intermediate_size} (e)")
+    print(f"state_size   {config.state_size} (n)   conv_kernel {config.conv_kernel} (k)   "
+          f"time_step_rank {config.time_step_rank} (r)")
+    print(f"vocab_size   {config.vocab_size}   tied head {config.tie_word_embeddings}")
+    print(f"parameters   {n_params:,}")
+    stored = ", ".join(f"{kind} {count} tensors {nbytes / 1e6:.1f} MB" for kind, (count, nbytes) in sorted(by_type.items()))
+    print(f"stored as    {stored}")
+    print(f"float32      {n_params * 4 / 1e6:.1f} MB if dequantized")
+    return 0

@@ -61,6 +61,10 @@ def load(model=None, tokenizer=None, dtype="float32", backend="numpy", impl=None
     from .model import MambaForCausalLM
     from .tokenizer import Tokenizer
 
+    if not isinstance(model, MambaForCausalLM) and str(model).endswith(".gguf"):  # llama.cpp's file
+        from .gguf import gguf_tokenizer
+        tokenizer = gguf_tokenizer(model) if tokenizer is None else tokenizer
+        model = MambaForCausalLM.from_pretrained(model, dtype=dtype, backend=backend, impl=impl)
     if not isinstance(model, MambaForCausalLM):
         folder = _key(builtin_model_dir() if model is None else _resolve(_key(model)))
         if tokenizer is None:
