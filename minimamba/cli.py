@@ -27,15 +27,19 @@ def cmd_info(args):
     stored = sorted({str(v.dtype) for v in raw.values()})
     print(f"model        {args.model}")
     print(f"folder       {folder}")
+    print_config(config)
+    print(f"parameters   {n_params:,}")
+    print(f"stored as    {', '.join(stored)} ({sum(v.nbytes for v in raw.values()) / 1e6:.1f} MB on load)")
+    print(f"float32      {n_params * 4 / 1e6:.1f} MB in memory")
+    return 0
+
+
+def print_config(config):
     print(f"layers       {config.num_hidden_layers}")
     print(f"hidden_size  {config.hidden_size} (d)   intermediate_size {config.intermediate_size} (e)")
     print(f"state_size   {config.state_size} (n)   conv_kernel {config.conv_kernel} (k)   "
           f"time_step_rank {config.time_step_rank} (r)")
     print(f"vocab_size   {config.vocab_size}   tied head {config.tie_word_embeddings}")
-    print(f"parameters   {n_params:,}")
-    print(f"stored as    {', '.join(stored)} ({sum(v.nbytes for v in raw.values()) / 1e6:.1f} MB on load)")
-    print(f"float32      {n_params * 4 / 1e6:.1f} MB in memory")
-    return 0
 
 
 def add_info_parser(sub):

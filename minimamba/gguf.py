@@ -314,12 +314,10 @@ def print_info(path):
         count, nbytes = by_type.get(kind, (0, 0))
         by_type[kind] = (count + 1, nbytes + int(t.n_bytes))
     n_params = sum(int(np.prod(t.shape)) for t in reader.tensors)
+    from .cli import print_config
+
     print(f"model        {path} (GGUF, architecture mamba)")
-    print(f"layers       {config.num_hidden_layers}")
-    print(f"hidden_size  {config.hidden_size} (d)   intermediate_size {config.intermediate_size} (e)")
-    print(f"state_size   {config.state_size} (n)   conv_kernel {config.conv_kernel} (k)   "
-          f"time_step_rank {config.time_step_rank} (r)")
-    print(f"vocab_size   {config.vocab_size}   tied head {config.tie_word_embeddings}")
+    print_config(config)
     print(f"parameters   {n_params:,}")
     stored = ", ".join(f"{kind} {count} tensors {nbytes / 1e6:.1f} MB" for kind, (count, nbytes) in sorted(by_type.items()))
     print(f"stored as    {stored}")

@@ -15,6 +15,13 @@ QCONFIG = dict(vocab_size=67, hidden_size=64, state_size=3, num_hidden_layers=2,
 IDS = np.array([[5, 9, 60, 1, 0, 33, 2]])
 
 
+def _finish(writer):
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 @pytest.fixture
 def float_model():
     return MambaForCausalLM(MambaConfig(**QCONFIG), seed=7)
@@ -74,10 +81,7 @@ def test_untied_head_and_biases(tmp_path):
 def test_another_architecture_is_refused(tmp_path):
     writer = gguf.GGUFWriter(tmp_path / "llama.gguf", "llama")
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     with pytest.raises(GGUFError, match="architecture 'llama' is not 'mamba'"):
         MambaForCausalLM.from_pretrained(tmp_path / "llama.gguf")
 
@@ -98,10 +102,7 @@ def test_unsupported_tensor_type_and_garbage_are_refused(float_model, tmp_path):
             writer.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
         else:
             writer.add_tensor(t.name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     with pytest.raises(GGUFError, match="'blk.0.ssm_in.weight' is stored as Q4_1"):
         MambaForCausalLM.from_pretrained(tmp_path / "q41.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
