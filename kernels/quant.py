@@ -9,14 +9,16 @@ Versions, and what each parallelises over:
 
     matvec       v2  x (m, K) with m <= MATVEC_MAX_ROWS (decode: m = batch): prange over
                      groups of 4 output rows, which share each load of x; the integers
-                     are widened to float32 in registers, summed per block, and each
-                     block sum is multiplied by its scale (int4: the -8 offset is taken
-                     out as 8 * the block's sum of x). The 4 rows' bytes (a few KB) stay
-                     in L1 while the m inputs pass over them, so every weight byte comes
-                     from memory once per call, whatever m is. No float copy of the
-                     matrix exists. (v1, 32 lanes per row with the scale inside the
-                     loop, ran at a quarter of v2's speed for int4, three quarters for
-                     int8: more work per weight, x loaded once per row.)
+                     are widened to float32 in registers. int8 sums each group of 32
+                     products, then multiplies by the block's scale; int4 keeps 16 lanes
+                     per row across all blocks (scale applied per lane, the -8 offset taken
+                     out as 8 * the block's sum of x) and sums them once per row. The 4
+                     rows' bytes (a few KB) stay in L1 while the m inputs pass over them,
+                     so every weight byte comes from memory once per call, whatever m is.
+                     No float copy of the matrix exists. (v1, 32 lanes per row, the scale
+                     inside the loop, integer nibble arithmetic - which Numba widens to
+                     int64, 8 lanes - and indices LLVM could not prove >= 0, which made
+                     gathers: int4 ran at a quarter of v2's speed, int8 at three quarters.)
     matmul       v1  x (m, K) with m > MATVEC_MAX_ROWS (prefill): the matrix is walked in
                      tiles of rows; each tile is dequantized into one small float buffer
                      (prange over its rows) and multiplied by NumPy's BLAS (tile @ x.T into
@@ -40,6 +42,7 @@ from numba.extending import intrinsic
 
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}  # as kernels/cpu.py: NaN and inf still propagate
 LANES = 32  # integers per accumulation group (the smallest block size); a fixed trip count LLVM vectorises
+HALF_LANES = LANES // 2  # int4: bytes per step (32 weights)
 MATVEC_MAX_ROWS = 8  # inputs up to this many rows (decode batch) use matvec, more use the tiled matmul
 TILE_BYTES = 4 << 20  # float32 bytes of one dequantized tile in the matmul (see matmul above)
 
@@ -98,40 +101,57 @@ def _matvec_int4(qs, scales, x, x_block_sums, out, block_size):
     In a block of B weights, byte j holds weight j (low nibble) and weight j + B/2
     (high nibble); a weight is (nibble - 8) * scale. The -8 is taken out of the loop:
     sum_j (q_j - 8) x_j = sum_j q_j x_j - 8 * sum_j x_j, with the block sums of x
-    (x_block_sums (m, K / B)) computed once per call. Four rows at a time, as int8.
+    (x_block_sums (m, K / B)) computed once per call. Four rows at a time share each
+    load of x; each row keeps 16 float32 lanes across all its blocks (the scale is
+    applied lane by lane), so the lanes are summed once per row, not once per block.
     """
     n_rows, k = qs.shape[0], 2 * qs.shape[1]
     m = x.shape[0]
     half = block_size // 2
     last = n_rows - 1
-    low, shift, eight = np.int32(15), np.int32(4), np.float32(8)
+    eight = np.float32(8)
     for group in prange((n_rows + 3) // 4):
         r0 = 4 * group
         r1, r2, r3 = min(r0 + 1, last), min(r0 + 2, last), min(r0 + 3, last)
+        acc = np.zeros((m, 4, HALF_LANES), dtype=np.float32)
+        offset = np.zeros((m, 4), dtype=np.float32)
+        for b in range(k // block_size):
+            s0, s1 = _half_to_float32(scales[r0, b]), _half_to_float32(scales[r1, b])
+            s2, s3 = _half_to_float32(scales[r2, b]), _half_to_float32(scales[r3, b])
+            for i in range(m):
+                xs = eight * x_block_sums[i, b]
+                offset[i, 0] += s0 * xs
+                offset[i, 1] += s1 * xs
+                offset[i, 2] += s2 * xs
+                offset[i, 3] += s3 * xs
+            for p in range(b * half, (b + 1) * half, HALF_LANES):  # 16 bytes = 32 weights per step
+                kx = p + b * half  # x index of the low nibbles: block start + (p - block's first byte)
+                # 1-D views indexed by the loop counter alone (LLVM knows it is >= 0): SIMD loads, no gathers
+                q0, q1 = qs[r0, p:p + HALF_LANES], qs[r1, p:p + HALF_LANES]
+                q2, q3 = qs[r2, p:p + HALF_LANES], qs[r3, p:p + HALF_LANES]
+                for i in range(m):
+                    xl, xh = x[i, kx:kx + HALF_LANES], x[i, kx + half:kx + half + HALF_LANES]
+                    for j in range(HALF_LANES):
+                        acc[i, 0, j] += s0 * _nibbles_dot(q0[j], xl[j], xh[j])
+                        acc[i, 1, j] += s1 * _nibbles_dot(q1[j], xl[j], xh[j])
+                        acc[i, 2, j] += s2 * _nibbles_dot(q2[j], xl[j], xh[j])
+                        acc[i, 3, j] += s3 * _nibbles_dot(q3[j], xl[j], xh[j])
         for i in range(m):
-            t0 = t1 = t2 = t3 = np.float32(0)
-            for b in range(k // block_size):
-                k0, p0 = b * block_size, b * half
-                a0 = a1 = a2 = a3 = np.float32(0)
-                # 1-D views: indexed by the loop counter alone, which LLVM knows is >= 0,
-                # so no negative-index wraparound and the loop becomes SIMD loads, not gathers
-                xl, xh = x[i, k0:k0 + half], x[i, k0 + half:k0 + block_size]
-                q0, q1, q2, q3 = qs[r0, p0:p0 + half], qs[r1, p0:p0 + half], qs[r2, p0:p0 + half], qs[r3, p0:p0 + half]
-                for j in range(half):  # one byte: weights j (low nibble) and j + B/2 (high)
-                    v = np.int32(q0[j])
-                    a0 += np.float32(v & low) * xl[j] + np.float32(v >> shift) * xh[j]
-                    v = np.int32(q1[j])
-                    a1 += np.float32(v & low) * xl[j] + np.float32(v >> shift) * xh[j]
-                    v = np.int32(q2[j])
-                    a2 += np.float32(v & low) * xl[j] + np.float32(v >> shift) * xh[j]
-                    v = np.int32(q3[j])
-                    a3 += np.float32(v & low) * xl[j] + np.float32(v >> shift) * xh[j]
-                offset = eight * x_block_sums[i, b]
-                t0 += _half_to_float32(scales[r0, b]) * (a0 - offset)
-                t1 += _half_to_float32(scales[r1, b]) * (a1 - offset)
-                t2 += _half_to_float32(scales[r2, b]) * (a2 - offset)
-                t3 += _half_to_float32(scales[r3, b]) * (a3 - offset)
-            _store4(out, i, r0, n_rows, t0, t1, t2, t3)
+            _store4(out, i, r0, n_rows, acc[i, 0].sum() - offset[i, 0], acc[i, 1].sum() - offset[i, 1],
+                    acc[i, 2].sum() - offset[i, 2], acc[i, 3].sum() - offset[i, 3])
+
+
+@njit(inline="always")
+def _nibbles_dot(byte, x_low, x_high):
+    """low nibble * x_low + high nibble * x_high, the nibbles split in float32.
+
+    Numba widens integer arithmetic to int64, which LLVM then vectorises 8 lanes at a
+    time; in float32 (exact for 0..255) it runs 16 lanes: high = floor(byte / 16),
+    low = byte - 16 high.
+    """
+    v = np.float32(byte)
+    high = np.floor(v * np.float32(0.0625))
+    return (v - np.float32(16) * high) * x_low + high * x_high
 
 
 @njit(inline="always")
