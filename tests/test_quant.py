@@ -110,6 +110,19 @@ def test_numba_kernels_match_dequantize_then_matmul(scheme, n, k, block_size, m,
     assert np.abs(q.linear(x) - reference).max() <= bound.max()
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_tiled_matmul_over_several_tiles(scheme, rng, monkeypatch):
+    kq = pytest.importorskip("minimamba.kernels.quant")
+    n, k = 70, 64
+    monkeypatch.setattr(kq, "TILE_BYTES", 16 * 4 * k)  # 16 rows per tile: 4 full tiles and a partial one
+    q = quantize_array(rng.standard_normal((n, k)).astype(np.float32), scheme, 32)
+    x = rng.standard_normal((20, k)).astype(np.float32)
+    w = q.dequantize()
+    bound = 2 * k * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(w).T)
+    err = np.abs(kq.linear(q, x) - x.astype(np.float64) @ w.T.astype(np.float64))
+    assert (err <= bound).all(), f"worst error/bound {np.max(err / bound):.2f}"
+
+
 def test_linear_and_embedding_rows_of_the_numpy_path(rng):
     q = quantize_array(rng.standard_normal((11, 64)).astype(np.float32), "int4", 32)
     q.impl = "numpy"
