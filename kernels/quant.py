@@ -48,6 +48,9 @@ FASTMATH = {"contract", "reassoc", "nsz", "arcp"}  # as kernels/cpu.py: NaN and 
 LANES = 32  # integers per accumulation group (the smallest block size); a fixed trip count LLVM vectorises
 HALF_LANES = LANES // 2  # int4: bytes per step (32 weights)
 MATVEC_MAX_ROWS = 8  # inputs up to this many rows (decode batch) use matvec, more use the tiled matmul
+# Below this many multiply-adds a matvec runs on the calling thread: x_proj of the 130m shape
+# (80 x 1536) took 0.22 ms per call with the thread pool on the shared machine, for ~25 us of work.
+PARALLEL_MIN = 1 << 19
 TILE_BYTES = 16 << 20  # float32 bytes of one dequantized tile in the matmul (see matmul above)
 
 
@@ -194,6 +197,9 @@ def _dequantize_int4(qs, scales, r0, out, block_size):
 
 
 _DEQUANTIZE = {"int8": _dequantize_int8, "int4": _dequantize_int4}
+# The same matvec cores without threads, for small products (see PARALLEL_MIN)
+_matvec_int8_serial = njit(fastmath=FASTMATH, cache=True)(_matvec_int8.py_func)
+_matvec_int4_serial = njit(fastmath=FASTMATH, cache=True)(_matvec_int4.py_func)
 
 
 def supports(weight, x) -> bool:
@@ -210,11 +216,12 @@ def linear(weight, x):
     scales = weight.scales.view(np.uint16)
     if m <= MATVEC_MAX_ROWS:
         out = np.empty((m, n), dtype=np.float32)  # (m, N)
+    serial = m * n * k < PARALLEL_MIN
     if m <= MATVEC_MAX_ROWS and weight.scheme == "int8":
-        _matvec_int8(weight.qs, scales, x2, out, weight.block_size)
+        (_matvec_int8_serial if serial else _matvec_int8)(weight.qs, scales, x2, out, weight.block_size)
     elif m <= MATVEC_MAX_ROWS:
         sums = x2.reshape(m, k // weight.block_size, weight.block_size).sum(axis=-1)  # (m, K/B)
-        _matvec_int4(weight.qs, scales, x2, sums, out, weight.block_size)
+        (_matvec_int4_serial if serial else _matvec_int4)(weight.qs, scales, x2, sums, out, weight.block_size)
     else:
         dequantize = _DEQUANTIZE[weight.scheme]
         rows = max(16, min(n, TILE_BYTES // (4 * k)))
