@@ -296,7 +296,8 @@ def save_quantized(model, folder):
             tensors[full] = np.ascontiguousarray(model.backend.to_numpy(value))
     os.makedirs(folder, exist_ok=True)
     config = model.config.to_dict()
-    config["quantization_config"] = {k: qconfig[k] for k in ("quant_method", "scheme", "block_size", "modules")}
+    config["quantization_config"] = {k: qconfig.get(k, []) for k in ("quant_method", "scheme", "block_size", "modules",
+                                                                     "kept_float")}
     _write_atomic(os.path.join(folder, "model.safetensors"),
                   lambda path: save_file(tensors, path, metadata={"format": "minimamba-quantized"}))
     _write_atomic(os.path.join(folder, "config.json"),
@@ -381,7 +382,7 @@ def load_quantized_state(tensors, config, qconfig, source):
     if stray:
         raise QuantizationError(f"{source}: unexpected tensor {stray[0]!r} ({len(stray)} in all)")
     return state, {"quant_method": "minimamba", "scheme": scheme, "block_size": block_size,
-                   "modules": list(modules), "kept_float": []}
+                   "modules": list(modules), "kept_float": list(qconfig.get("kept_float", []))}
 
 
 def build_model(cls, config, state, qconfig, dtype="float32", backend="numpy", impl=None, source="checkpoint"):
