@@ -304,6 +304,9 @@ def time_runner(runner, ids, new_tokens):
 
 
 def run_bench(args):
+    if getattr(args, "quantization", None):  # float32 vs int8 / int4 side by side: minimamba.quant_bench
+        from .quant_bench import run_quant_bench
+        return run_quant_bench(args)
     if (args.model is None) == (args.shape is None):
         raise ValueError("give exactly one of --model PATH or --shape NAME")
     if args.prompt_len < 1 or args.batch < 1 or args.new_tokens < 0 or args.repeat < 1:
@@ -439,6 +442,10 @@ def add_bench_parser(sub):
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="tokens per prefill chunk (default: the model's, 2048; 0: one pass)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    p.add_argument("--quantization", choices=["int8", "int4", "both"],
+                   help="time float32 and quantized weights side by side (see minimamba.quant_bench)")
+    p.add_argument("--block-size", default="32", help="with --quantization: block size(s), e.g. 32 or 32,128")
+    p.add_argument("--eval-text", help="with --quantization: a text file for perplexity and KL from float32")
     p.set_defaults(func=run_bench)
 
 

@@ -11,10 +11,12 @@ import numpy as np
 
 def cmd_info(args):
     from .config import MambaConfig
+    from .pipeline import builtin_model_dir
     from .weights import SAFETENSORS_DTYPES, checkpoint_headers, load_state_dict, resolve_model_dir
 
-    from .pipeline import builtin_model_dir
-
+    if str(args.model).endswith(".gguf"):  # a llama.cpp file: minimamba.gguf reads it
+        from .gguf import print_info
+        return print_info(args.model)
     folder = resolve_model_dir(builtin_model_dir() if args.model == "builtin" else args.model)
     config = MambaConfig.from_pretrained(folder)
     headers = [entry for _, entries, _ in checkpoint_headers(folder) for entry in entries]  # no tensor read
@@ -26,11 +28,7 @@ def cmd_info(args):
     non_finite = {k: n for k, n in non_finite.items() if n}
     print(f"model        {args.model}")
     print(f"folder       {folder}")
-    print(f"layers       {config.num_hidden_layers}")
-    print(f"hidden_size  {config.hidden_size} (d)   intermediate_size {config.intermediate_size} (e)")
-    print(f"state_size   {config.state_size} (n)   conv_kernel {config.conv_kernel} (k)   "
-          f"time_step_rank {config.time_step_rank} (r)")
-    print(f"vocab_size   {config.vocab_size}   tied head {config.tie_word_embeddings}")
+    print_config(config)
     print(f"parameters   {n_params:,}")
     print(f"stored as    {', '.join(stored)}; {sum(e.end - e.begin for e in headers) / 1e6:.1f} MB of tensors")
     print(f"float32      {n_params * 4 / 1e6:.1f} MB in memory")
@@ -38,6 +36,14 @@ def cmd_info(args):
         first = next(iter(non_finite))
         print(f"non-finite   {sum(non_finite.values()):,} NaN/inf values in {len(non_finite)} tensors, first {first}")
     return 0
+
+
+def print_config(config):
+    print(f"layers       {config.num_hidden_layers}")
+    print(f"hidden_size  {config.hidden_size} (d)   intermediate_size {config.intermediate_size} (e)")
+    print(f"state_size   {config.state_size} (n)   conv_kernel {config.conv_kernel} (k)   "
+          f"time_step_rank {config.time_step_rank} (r)")
+    print(f"vocab_size   {config.vocab_size}   tied head {config.tie_word_embeddings}")
 
 
 def add_info_parser(sub):

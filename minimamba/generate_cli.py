@@ -65,6 +65,8 @@ def add_generate_parser(sub):
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="array library")
     p.add_argument("--impl", choices=("auto", "reference", "numpy", "numba", "cuda"), default="auto",
                    help="which scan and conv kernels to run (auto: NumPy or Numba per call, whichever is faster)")
+    p.add_argument("--quantization", choices=("int8", "int4"), default=None,
+                   help="quantize the weights as they load (llama.cpp's Q8_0 / Q4_0 blocks; see minimamba.quant)")
     p.set_defaults(func=cmd_generate)
     return p
 
@@ -88,6 +90,9 @@ def _generate(args):
     model, tokenizer = load(args.model, args.tokenizer, dtype=args.dtype, backend=args.backend,
                             impl=None if args.impl == "auto" else args.impl, adapter=args.adapter,
                             merge_adapter=args.merge_adapter)
+    if args.quantization:  # a quantized copy; the float model stays in load()'s cache
+        from .quant import quantize
+        model = quantize(model, args.quantization)
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")

@@ -212,16 +212,21 @@ class _Pretrained:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype="float32", backend="numpy", impl=None,
-                        revision=None, cache_dir=None, allow_non_finite=False):
-        """Load a checkpoint folder or Hub repo (e.g. "state-spaces/mamba-130m-hf"), or "builtin".
+                        revision=None, cache_dir=None, allow_non_finite=False, quantization=None):
+        """Load a checkpoint folder or Hub repo (e.g. "state-spaces/mamba-130m-hf"), "builtin", or a .gguf file.
 
         A PEFT adapter folder loads its base_model_name_or_path with the adapter on top, unmerged
         (as PEFT's AutoPeftModel); see `load_adapter`. NaN or infinite weights are refused, naming
-        the tensor, unless `allow_non_finite=True`.
+        the tensor, unless `allow_non_finite=True`. quantization: "int8" / "int4" quantizes the
+        weights as they load (minimamba.quant); a folder saved quantized (its config.json has
+        quantization_config) loads packed as it is.
         """
         from .adapters import base_model_of, is_adapter_folder
         from .pipeline import builtin_model_dir
 
+        if str(path_or_repo_id).endswith(".gguf"):  # llama.cpp's file: quantized tensors stay quantized
+            from .gguf import from_gguf
+            return from_gguf(cls, path_or_repo_id, dtype=dtype, backend=backend, impl=impl, quantization=quantization)
         path_or_repo_id = builtin_model_dir() if path_or_repo_id == "builtin" else path_or_repo_id
         folder = resolve_model_dir(path_or_repo_id, revision=revision, cache_dir=cache_dir)
         if is_adapter_folder(folder) and hasattr(cls, "load_adapter"):
@@ -229,6 +234,9 @@ class _Pretrained:
                                         allow_non_finite=allow_non_finite)
             return model.load_adapter(folder)
         config = MambaConfig.from_pretrained(folder)
+        if quantization is not None or "quantization_config" in config.extra:
+            from .quant import from_pretrained_quantized
+            return from_pretrained_quantized(cls, folder, config, dtype, backend, impl, quantization)
         state_dict = load_state_dict(folder, config, allow_non_finite=allow_non_finite)
         model = cls(config, dtype=dtype, backend=backend, impl=impl, init=False)
         model.load_state_dict({name[len(cls.prefix):]: value for name, value in state_dict.items()
@@ -286,6 +294,10 @@ class _Pretrained:
     def save_pretrained(self, folder):
         """config.json + model.safetensors (float32 or float64), loadable by transformers."""
         from .weights import save_pretrained
+
+        if getattr(self, "quantization_config", None):  # packed weights + scales: minimamba.quant
+            from .quant import save_quantized
+            return save_quantized(self, folder)
 
         state = {self.prefix + name: self.backend.to_numpy(v) for name, v in self.state_dict().items()}
         save_pretrained(folder, self.config, state)

@@ -77,6 +77,10 @@ def load(model=None, tokenizer=None, dtype="float32", backend="numpy", impl=None
     from .model import MambaForCausalLM
     from .tokenizer import Tokenizer
 
+    if not isinstance(model, MambaForCausalLM) and str(model).endswith(".gguf"):  # llama.cpp's file
+        from .gguf import gguf_tokenizer
+        tokenizer = gguf_tokenizer(model) if tokenizer is None else tokenizer
+        model = MambaForCausalLM.from_pretrained(model, dtype=dtype, backend=backend, impl=impl)
     if not isinstance(model, MambaForCausalLM):
         if model is None and adapter is not None:
             model = adapter
