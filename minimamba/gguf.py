@@ -22,10 +22,11 @@ What llama.cpp's convert_hf_to_gguf.py does to a Mamba checkpoint, undone here:
     norm_f.weight                      output_norm.weight
     lm_head.weight                     output.weight          absent when tied to the embeddings
 
-NOTE on A: the model keeps A = -exp(A_log) beside A_log. From a GGUF file, the A the
-file holds is used as it is (so the logits are those of the file's numbers exactly),
-and A_log = log(-A) is what state_dict() and save_pretrained() show (exp(log(-A)) gives
-A back to within an ulp).
+NOTE on A: llama.cpp stores A = -exp(A_log), and the model recomputes A from A_log at
+every call (so no cached A can go stale). From a GGUF file, A_log is the float32 value
+next to log(-A) (within a few ulps) for which -exp(A_log) gives the file's A back bit for
+bit; such a value exists for files converted from float32 A_log, so the logits are those
+of the file's numbers exactly. Where none exists, the nearest is kept (A within an ulp).
 
 Tensor types read: F32, F16, BF16 (to float exactly), Q8_0 and Q4_0 (kept packed as
 minimamba's int8 / int4 with blocks of 32, byte for byte; a quantized tensor that is not
@@ -129,16 +130,13 @@ def hf_name(name, path):
 
 
 def read_tensors(reader, path):
-    """{transformers name: float array or QuantizedWeight}, with llama.cpp's transforms undone (A kept aside).
-
-    Returns (state, A) where A maps each layer's A_log name to the file's A.
-    """
+    """{transformers name: float array or QuantizedWeight}, with llama.cpp's transforms undone."""
     from .quant import QuantizedWeight, _quantizable, dequantize_blocks
     from .weights import bf16_to_f32
 
     gguf = _gguf()
     Q = gguf.GGMLQuantizationType
-    state, a_values = {}, {}
+    state = {}
     for t in reader.tensors:
         name = hf_name(t.name, path)
         kind = Q(t.tensor_type)
@@ -165,11 +163,24 @@ def read_tensors(reader, path):
         if name.endswith("conv1d.weight") and getattr(value, "ndim", 0) == 2:
             value = value[:, None, :]  # (e, k) -> (e, 1, k)
         if name.endswith("A_log"):
-            a_values[name] = value
-            with np.errstate(divide="ignore", invalid="ignore"):
-                value = np.log(-value)  # A = -exp(A_log)  =>  A_log = log(-A)
+            value = a_log_of(value)
         state[name] = value
-    return state, a_values
+    return state
+
+
+def a_log_of(A, reach=4):
+    """float32 A_log with -exp(A_log) == A exactly where a float32 value within `reach` ulps of log(-A) does."""
+    A = np.asarray(A, dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nearest = np.log(-A.astype(np.float64)).astype(np.float32)  # A = -exp(A_log)  =>  A_log = log(-A)
+    best, found = nearest.copy(), -np.exp(nearest) == A
+    for direction in (np.inf, -np.inf):
+        candidate = nearest
+        for _ in range(reach):
+            candidate = np.nextafter(candidate, np.float32(direction))
+            hit = ~found & (-np.exp(candidate) == A)
+            best[hit], found = candidate[hit], found | hit
+    return best
 
 
 def from_gguf(cls, path, dtype="float32", backend="numpy", impl=None, quantization=None):
@@ -179,7 +190,7 @@ def from_gguf(cls, path, dtype="float32", backend="numpy", impl=None, quantizati
     path = os.fspath(path)
     reader = open_gguf(path)
     config = read_config(reader, path)
-    state, a_values = read_tensors(reader, path)
+    state = read_tensors(reader, path)
     packed = {n: v for n, v in state.items() if isinstance(v, QuantizedWeight)}
     schemes = sorted({v.scheme for v in packed.values()})
     qconfig = None
@@ -192,10 +203,6 @@ def from_gguf(cls, path, dtype="float32", backend="numpy", impl=None, quantizati
     model = build_model(cls, config, state, qconfig, dtype, backend, impl, path)
     if not packed:
         model.quantization_config = None
-    for name, a in a_values.items():  # the file's A, exactly (see the NOTE above)
-        if name.startswith(cls.prefix):
-            obj, _ = model._slot(name[len(cls.prefix):])
-            obj.A = model.backend.asarray(a, dtype=model.dtype)
     if quantization is not None:
         spec = quantization if isinstance(quantization, dict) else {"scheme": quantization}
         model = quantize(model, spec["scheme"], spec.get("block_size", 32), spec.get("modules"))
