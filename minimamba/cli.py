@@ -7,6 +7,7 @@ import os
 import sys
 
 from .bench import add_bench_parser
+from .check_cli import add_check_parsers
 from .generate_cli import add_generate_parser
 from .training.finetune_cli import add_finetune_parser
 from .training.train_cli import add_train_parser
@@ -50,6 +51,7 @@ def build_parser():
     add_bench_parser(sub)
     add_train_parser(sub)
     add_finetune_parser(sub)
+    add_check_parsers(sub)  # dump, compare
     return parser
 
 

@@ -6,10 +6,16 @@
     cuda       the Numba CUDA kernels of `minimamba.kernels.cuda` (needs numba-cuda and CuPy arrays)
 
 All four take the same arguments (those of `minimamba.ops`); tests compare them.
+
+`impl` may also be a mapping of the user's own functions for any of KERNEL_NAMES,
+e.g. `impl={"selective_scan_fn": my_scan}`: the model then calls `my_scan` with the
+arguments of `ops.selective_scan_fn`, and the other kernels come from the default
+("auto"), or from `impl={"base": "reference", ...}` when named.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import SimpleNamespace
 
 from . import ops
@@ -26,7 +32,9 @@ def _namespace(name, module, **overrides):
 
 
 def resolve_impl(impl=None, backend_name="numpy") -> SimpleNamespace:
-    """The kernels for `impl`; None or "auto" picks the fastest one available."""
+    """The kernels for `impl`; None or "auto" picks the fastest one available; a mapping plugs in functions."""
+    if isinstance(impl, Mapping):
+        return _plugged(impl, backend_name)
     if impl in (None, "auto"):
         preferred = ("cuda", "numpy") if backend_name == "cupy" else ("numba", "numpy")
         for name in preferred:
@@ -51,3 +59,21 @@ def resolve_impl(impl=None, backend_name="numpy") -> SimpleNamespace:
 
         return _namespace("cuda", cuda)
     raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)} or 'auto'")
+
+
+def _plugged(funcs: Mapping, backend_name) -> SimpleNamespace:
+    """The user's functions for some kernels, the default (or `funcs["base"]`) for the rest."""
+    funcs = dict(funcs)
+    base = funcs.pop("base", None)
+    if isinstance(base, Mapping):
+        raise ValueError("impl['base'] must name an implementation (e.g. 'numpy'), not a mapping")
+    unknown = sorted(set(funcs) - set(KERNEL_NAMES))
+    if unknown:
+        raise ValueError(f"impl names unknown kernel(s) {unknown}; the kernels are {', '.join(KERNEL_NAMES)} "
+                         "(and 'base' for the implementation the others come from)")
+    for name, func in funcs.items():
+        if not callable(func):
+            raise ValueError(f"impl[{name!r}] must be a function, got {type(func).__name__}")
+    default = resolve_impl(base, backend_name)
+    name = f"{default.name}+" + ",".join(f"{k}={getattr(f, '__name__', 'custom')}" for k, f in funcs.items())
+    return SimpleNamespace(name=name, **{k: funcs.get(k, getattr(default, k)) for k in KERNEL_NAMES})

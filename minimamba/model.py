@@ -27,7 +27,8 @@ from .backend import get_backend, resolve_dtype
 from .cache import MambaCache
 from .config import MambaConfig
 from .impl import resolve_impl
-from .ops import array_module, linear
+from .ops import array_module, linear, softplus
+from .record import NOT_RECORDING, Recorder
 from .weights import expected_shapes, load_state_dict, resolve_model_dir
 
 
@@ -36,6 +37,7 @@ class MambaOutput:
     last_hidden_state: object = None  # (b, l, d)
     cache_params: MambaCache | None = None
     hidden_states: tuple | None = None  # each layer's output, then norm_f's: num_hidden_layers + 1 of (b, l, d)
+    record: dict | None = None  # {name: array} of the intermediates asked for by record=, see minimamba.record
 
 
 @dataclass
@@ -44,43 +46,67 @@ class MambaCausalLMOutput:
     logits: object = None  # (b, l, V)
     cache_params: MambaCache | None = None
     hidden_states: tuple | None = None
+    record: dict | None = None
+
+
+class KernelSlot:
+    """The one kernel set of a model, held by reference by the model, its backbone and every mixer.
+
+    `impl` is what the caller asked for (a name, None for "auto", or a mapping of functions);
+    it is kept so that `.to()` resolves the same choice again for a new backend.
+    """
+
+    def __init__(self, impl, backend_name):
+        self.impl, self.kernels = impl, resolve_impl(impl, backend_name)
 
 
 class MambaMixer:
-    """The selective SSM block of Figure 3 (right): gated, with a causal conv and a scan."""
+    """The selective SSM block of Figure 3 (right): gated, with a causal conv and a scan.
 
-    def __init__(self, config: MambaConfig, layer_idx: int, kernels):
+    `selective` (default True) is the paper's ablation switch (Section 4.1, Table 1):
+    set it to False and x_proj is applied to a vector of ones instead of x, so dt, B and
+    C no longer depend on the input: they are learned constants, and the layer is
+    time-invariant like S4 (still with a gate and a conv). Training follows it
+    (`TrainingModel(..., selective=False)` or the model's mixers' attribute).
+    """
+
+    def __init__(self, config: MambaConfig, layer_idx: int, slot: KernelSlot):
         self.config = config
         self.layer_idx = layer_idx
-        self.kernels = kernels  # selective_scan_fn & co, see minimamba.impl
+        self.name = f"backbone.layers.{layer_idx}.mixer"  # transformers' module path, for the record
+        self.selective = True
+        self._kernel_slot = slot  # the model's kernel set (selective_scan_fn & co, see minimamba.impl)
         self.in_proj_weight = self.in_proj_bias = None  # (2e, d), (2e,)
         self.conv1d_weight = self.conv1d_bias = None  # (e, 1, k), (e,)
         self.x_proj_weight = None  # (r + 2n, e)
         self.dt_proj_weight = self.dt_proj_bias = None  # (e, r), (e,)
-        self.A_log = None  # (e, n); setting it also sets A = -exp(A_log), see below
+        self.A_log = None  # (e, n)
         self.D = None  # (e,)
         self.out_proj_weight = self.out_proj_bias = None  # (d, e), (d,)
 
     @property
-    def A_log(self):
-        return self._A_log
+    def kernels(self):
+        return self._kernel_slot.kernels
 
-    @A_log.setter
-    def A_log(self, value):
-        # A = -exp(A_log): negative real, so exp(dt A) < 1 decays the state.
-        # Kept beside A_log, not recomputed at every decode step.
-        # NOTE: assign A_log (load_state_dict does) to refresh A; an in-place edit of the array does not.
-        self._A_log = value
-        self.A = None if value is None else -array_module(value).exp(value)  # (e, n)
+    @property
+    def A(self):
+        # A = -exp(A_log): negative real, so exp(dt A) < 1 decays the state. Recomputed at every
+        # call, never cached: an in-place edit of A_log (an optimiser step, a probe) always counts.
+        # It costs one (e, n) exp per layer per step (README, "Checking your own implementation").
+        return -array_module(self.A_log).exp(self.A_log)  # (e, n)
 
-    def __call__(self, hidden_states, cache_params=None, attention_mask=None):
-        """hidden_states (b, l, d) -> (b, l, d). Reads and updates `cache_params` when given."""
-        cfg, k = self.config, self.kernels
+    def __call__(self, hidden_states, cache_params=None, attention_mask=None, record=None):
+        """hidden_states (b, l, d) -> (b, l, d). Reads and updates `cache_params` when given.
+
+        `record`: a minimamba.record.Recorder that keeps this mixer's intermediates (None: none).
+        """
+        cfg, k, rec, name = self.config, self.kernels, record or NOT_RECORDING, self.name
         e, n, r = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
         l = hidden_states.shape[1]
 
         # 1. Input projection, split into the SSM branch x and the gate z (x first).
         xz = linear(hidden_states, self.in_proj_weight, self.in_proj_bias)  # (b, l, 2e)
+        rec.put(name, "in_proj", xz)
         x = xz[..., :e].transpose(0, 2, 1)  # (b, e, l): the kernels' layout
         z = xz[..., e:].transpose(0, 2, 1)  # (b, e, l)
 
@@ -96,48 +122,70 @@ class MambaMixer:
             x = k.causal_conv1d_update(x, conv_state, conv_weight, self.conv1d_bias, activation="silu")
         if attention_mask is not None:
             x = x * attention_mask[:, None, :]
+        rec.put(name, "conv_act", x.transpose(0, 2, 1))
 
-        # 3. The selection mechanism (Algorithm 2): Delta, B, C are functions of the input.
-        x_dbl = linear(x.transpose(0, 2, 1), self.x_proj_weight)  # (b, l, r + 2n)
+        # 3. The selection mechanism (Algorithm 2): Delta, B, C are functions of the input
+        #    (unless selective is off: then of a vector of ones, i.e. learned constants).
+        x_sel = x.transpose(0, 2, 1) if self.selective else array_module(x).ones_like(x.transpose(0, 2, 1))
+        x_dbl = linear(x_sel, self.x_proj_weight)  # (b, l, r + 2n)
         dt, B, C = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]  # (b, l, r), (b, l, n), (b, l, n)
         dt = linear(dt, self.dt_proj_weight)  # (b, l, e); its bias is added inside the softplus
         A = self.A  # (e, n) = -exp(A_log)
+        rec.put(name, "x_proj", x_dbl)
+        rec.put(name, "dt_proj", lambda: dt + self.dt_proj_bias)
+        rec.put(name, "dt_softplus", lambda: softplus(dt + self.dt_proj_bias))
+        rec.put(name, "B", B)
+        rec.put(name, "C", C)
 
         # 4. Selective scan: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t;  y_t = C_t . h_t + D x_t;  y * silu(z)
         if cache_params is not None and l == 1:  # decode: one step of the recurrence
             ssm_state = cache_params.ssm_states[self.layer_idx]  # (b, e, n), updated in place
-            y = k.selective_state_update(ssm_state, x[:, :, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D,
-                                         z=z[:, :, 0], dt_bias=self.dt_proj_bias, dt_softplus=True)
+            step = dict(D=self.D, dt_bias=self.dt_proj_bias, dt_softplus=True)
+            rec.put(name, "scan", lambda: k.selective_state_update(  # ungated, on a copy of the state
+                ssm_state.copy(), x[:, :, 0], dt[:, 0], A, B[:, 0], C[:, 0], **step)[:, None, :])
+            y = k.selective_state_update(ssm_state, x[:, :, 0], dt[:, 0], A, B[:, 0], C[:, 0],
+                                         z=z[:, :, 0], **step)
             y = y[:, :, None]  # (b, e, 1)
         else:
             initial_state = None if cache_params is None else cache_params.ssm_states[self.layer_idx]
-            y, last_state = k.selective_scan_fn(
-                x, dt.transpose(0, 2, 1), A, B.transpose(0, 2, 1), C.transpose(0, 2, 1), D=self.D, z=z,
-                delta_bias=self.dt_proj_bias, delta_softplus=True, return_last_state=True,
-                initial_state=initial_state)  # (b, e, l), (b, e, n)
+            scan = dict(D=self.D, delta_bias=self.dt_proj_bias, delta_softplus=True, initial_state=initial_state)
+            args = (x, dt.transpose(0, 2, 1), A, B.transpose(0, 2, 1), C.transpose(0, 2, 1))
+            rec.put(name, "scan", lambda: k.selective_scan_fn(*args, **scan).transpose(0, 2, 1))  # ungated
+            y, last_state = k.selective_scan_fn(*args, z=z, return_last_state=True, **scan)  # (b, e, l), (b, e, n)
             if cache_params is not None:
                 cache_params.update_ssm_state(self.layer_idx, last_state)
+        rec.put(name, "gated", y.transpose(0, 2, 1))
 
         # 5. Output projection back to the residual width.
-        return linear(y.transpose(0, 2, 1), self.out_proj_weight, self.out_proj_bias)  # (b, l, d)
+        out = linear(y.transpose(0, 2, 1), self.out_proj_weight, self.out_proj_bias)  # (b, l, d)
+        rec.put(name, "out_proj", out)
+        if cache_params is not None:  # the states the next call continues from (copies: the cache moves on)
+            rec.put(name, "conv_state", lambda: cache_params.conv_states[self.layer_idx].copy())
+            rec.put(name, "ssm_state", lambda: cache_params.ssm_states[self.layer_idx].copy())
+        return out
 
 
 class MambaBlock:
     """Pre-norm residual block: h + mixer(rmsnorm(h))."""
 
-    def __init__(self, config: MambaConfig, layer_idx: int, kernels):
+    def __init__(self, config: MambaConfig, layer_idx: int, slot: KernelSlot):
         self.config = config
+        self.name = f"backbone.layers.{layer_idx}"
         self.norm_weight = None  # (d,)
-        self.mixer = MambaMixer(config, layer_idx, kernels)
+        self.mixer = MambaMixer(config, layer_idx, slot)
 
     @property
-    def kernels(self):  # rms_norm & co: the mixer's, so one assignment moves both
+    def kernels(self):
         return self.mixer.kernels
 
-    def __call__(self, hidden_states, cache_params=None, attention_mask=None):
+    def __call__(self, hidden_states, cache_params=None, attention_mask=None, record=None):
         # NOTE: the residual stream is float32 or float64 here, so residual_in_fp32 always holds.
+        rec = record or NOT_RECORDING
         normed = self.kernels.rms_norm(hidden_states, self.norm_weight, self.config.layer_norm_epsilon)  # (b, l, d)
-        return hidden_states + self.mixer(normed, cache_params, attention_mask)  # (b, l, d)
+        rec.put(self.name, "norm", normed)
+        out = hidden_states + self.mixer(normed, cache_params, attention_mask, record)  # (b, l, d)
+        rec.put(self.name, "", out)
+        return out
 
 
 class _Pretrained:
@@ -145,11 +193,22 @@ class _Pretrained:
 
     prefix = ""  # how this class's parameter names sit inside a MambaForCausalLM checkpoint
 
-    def _setup(self, config, dtype, backend, impl):
+    def _setup(self, config, dtype, backend):
         self.config = config
         self.dtype = resolve_dtype(dtype)
         self.backend = get_backend(backend)
-        self.kernels = resolve_impl(impl, self.backend.name)
+
+    @property
+    def kernels(self):
+        """selective_scan_fn & co (see minimamba.impl), one set shared with every mixer."""
+        return self._kernel_slot.kernels
+
+    @kernels.setter
+    def kernels(self, kernels):
+        self._kernel_slot.kernels = kernels
+
+    def _set_kernels(self, kernels):  # kept for kernels/gpu_check.py
+        self.kernels = kernels
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype="float32", backend="numpy", impl=None,
@@ -200,10 +259,11 @@ class _Pretrained:
         return self
 
     def to(self, backend=None, dtype=None, impl=None):
-        """Move the weights to another backend ("numpy" / "cupy") and/or dtype."""
+        """Move the weights to another backend ("numpy" / "cupy") and/or dtype; the impl stays unless named."""
         state = {name: self.backend.to_numpy(value) for name, value in self.state_dict().items()}
-        self._setup(self.config, dtype or self.dtype, backend or self.backend.name, impl)
-        self._set_kernels(self.kernels)
+        self._setup(self.config, dtype or self.dtype, backend or self.backend.name)
+        impl = self._kernel_slot.impl if impl is None else impl
+        self._kernel_slot.impl, self._kernel_slot.kernels = impl, resolve_impl(impl, self.backend.name)
         return self.load_state_dict(state)
 
     def save_pretrained(self, folder):
@@ -224,20 +284,20 @@ class MambaModel(_Pretrained):
     prefill_chunk_size = 2048  # longer inputs run in chunks of this many tokens (None: one pass)
 
     def __init__(self, config: MambaConfig, dtype="float32", backend="numpy", impl=None, init=True, seed=0):
-        self._setup(config, dtype, backend, impl)
+        self._setup(config, dtype, backend)
+        self._kernel_slot = KernelSlot(impl, self.backend.name)
         self.embeddings_weight = None  # (V, d)
-        self.layers = [MambaBlock(config, i, self.kernels) for i in range(config.num_hidden_layers)]
+        self.layers = [MambaBlock(config, i, self._kernel_slot) for i in range(config.num_hidden_layers)]
         self.norm_f_weight = None  # (d,)
         if init:
             self.load_state_dict({name[len(self.prefix):]: v for name, v in init_weights(config, seed).items()
                                   if name.startswith(self.prefix)})
 
-    def _set_kernels(self, kernels):
-        for layer in self.layers:
-            layer.mixer.kernels = kernels
-
     def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache_params=None,
-                 use_cache=False, output_hidden_states=False):
+                 use_cache=False, output_hidden_states=False, record=False, record_layers=None):
+        """`record`: True, a name pattern or a list of them (see minimamba.record); `.record` then holds them."""
+        rec = Recorder.from_argument(record, record_layers)
+        owned = not isinstance(record, Recorder)  # a MambaForCausalLM passes its own and reads it itself
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -249,6 +309,8 @@ class MambaModel(_Pretrained):
                 raise ValueError(f"inputs_embeds has shape {tuple(hidden_states.shape)}, "
                                  f"expected (batch, length >= 1, {self.config.hidden_size})")
         b, l = hidden_states.shape[:2]
+        if rec is not None:
+            rec.put("backbone.embeddings", "", hidden_states)
 
         if use_cache and cache_params is None:
             cache_params = MambaCache(self.config, b, dtype=self.dtype, backend=self.backend)
@@ -265,21 +327,24 @@ class MambaModel(_Pretrained):
         if l > chunk and cache_params is None:
             cache_params = MambaCache(self.config, b, dtype=self.dtype, backend=self.backend)
         outputs = [self._layers_forward(hidden_states[:, s:s + chunk], cache_params,
-                                        None if mask is None else mask[:, s:s + chunk], output_hidden_states)
+                                        None if mask is None else mask[:, s:s + chunk], output_hidden_states, rec)
                    for s in range(0, l, chunk)]  # each: [layer outputs], (b, chunk, d)
         if len(outputs) == 1:
             per_layer = outputs[0]
         else:  # join the chunks back along the sequence
             per_layer = [self.backend.xp.concatenate(parts, axis=1) for parts in zip(*outputs)]
         hidden_states = self.kernels.rms_norm(per_layer[-1], self.norm_f_weight, self.config.layer_norm_epsilon)  # (b, l, d)
+        if rec is not None:
+            rec.put("backbone.norm_f", "", hidden_states)
         return MambaOutput(last_hidden_state=hidden_states, cache_params=cache_params if use_cache else None,
-                           hidden_states=tuple(per_layer) + (hidden_states,) if output_hidden_states else None)
+                           hidden_states=tuple(per_layer) + (hidden_states,) if output_hidden_states else None,
+                           record=rec.result() if rec is not None and owned else None)
 
-    def _layers_forward(self, hidden_states, cache_params, mask, output_hidden_states):
+    def _layers_forward(self, hidden_states, cache_params, mask, output_hidden_states, rec=None):
         """The stack of blocks over one chunk (b, c, d): every layer's output, or only the last."""
         per_layer = []
         for layer in self.layers:
-            hidden_states = layer(hidden_states, cache_params, mask)  # (b, c, d)
+            hidden_states = layer(hidden_states, cache_params, mask, rec)  # (b, c, d)
             if output_hidden_states:
                 per_layer.append(hidden_states)
         if cache_params is not None:
@@ -293,42 +358,48 @@ class MambaForCausalLM(_Pretrained):
     prefix = ""
 
     def __init__(self, config: MambaConfig, dtype="float32", backend="numpy", impl=None, init=True, seed=0):
-        self._setup(config, dtype, backend, impl)
+        self._setup(config, dtype, backend)
         self.backbone = MambaModel(config, dtype, self.backend, impl, init=False)
+        self._kernel_slot = self.backbone._kernel_slot  # one kernel set for the whole model
         self.lm_head_weight = None  # (V, d), only when untied
         if init:
             self.load_state_dict(init_weights(config, seed))
 
-    def _set_kernels(self, kernels):
-        self.backbone._set_kernels(kernels)
-        self.backbone.kernels = kernels
-
-    def _setup(self, config, dtype, backend, impl):
-        super()._setup(config, dtype, backend, impl)
+    def _setup(self, config, dtype, backend):
+        super()._setup(config, dtype, backend)
         if hasattr(self, "backbone"):  # .to(): the backbone follows
-            self.backbone._setup(config, dtype, self.backend, impl)
+            self.backbone._setup(config, dtype, self.backend)
 
     @property
     def head_weight(self):
         return self.backbone.embeddings_weight if self.config.tie_word_embeddings else self.lm_head_weight
 
     def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache_params=None,
-                 use_cache=False, output_hidden_states=False, labels=None, logits_to_keep=0):
-        """logits (b, l, V); `logits_to_keep=1` computes them for the last position only."""
+                 use_cache=False, output_hidden_states=False, labels=None, logits_to_keep=0,
+                 record=False, record_layers=None):
+        """logits (b, l, V); `logits_to_keep=1` computes them for the last position only.
+
+        `record=True` (or a name pattern, or a list of them; `record_layers` picks layers) fills
+        `.record` with every named intermediate of the pass: the table in minimamba.record.
+        """
+        rec = Recorder.from_argument(record, record_layers)
         outputs = self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                 cache_params=cache_params, use_cache=use_cache,
-                                output_hidden_states=output_hidden_states)
+                                output_hidden_states=output_hidden_states, record=rec or False)
         hidden_states = outputs.last_hidden_state  # (b, l, d)
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = linear(hidden_states, self.head_weight)  # (b, l, V)
+        if rec is not None:
+            rec.put("lm_head", "", logits)
         loss = None
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position; leave logits_to_keep at 0")
             loss = causal_lm_loss(logits, labels, self.config.vocab_size, self.backend)
         return MambaCausalLMOutput(loss=loss, logits=logits, cache_params=outputs.cache_params,
-                                   hidden_states=outputs.hidden_states)
+                                   hidden_states=outputs.hidden_states,
+                                   record=None if rec is None else rec.result())
 
     def generate(self, input_ids, **kwargs):
         """Prefill once, then one token at a time through the cache; see minimamba.generation."""

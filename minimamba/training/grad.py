@@ -34,10 +34,19 @@ class TrainingModel:
         adapters: {module name: lora.LoraAdapter} or None; with adapters the base weights are frozen.
         scan: "numba" (kernels/cpu_backward.py, chunked recompute), "numpy" (the readable loop),
             or "auto": numba when it is installed.
+        selective: True (Mamba). False is the paper's ablation (`MambaMixer.selective`): x_proj is
+            applied to a vector of ones, so dt, B and C are learned constants (an S4-like,
+            time-invariant layer); x_proj's weight still gets its gradient, x gets none that way.
+
+    NOTE: this forward is a second copy of the block's arithmetic (minimamba/model.py has the
+    first), kept because the backward needs what the inference kernels do not hand out: the
+    scan's chunk-boundary states (kernels/cpu_backward.py), the pre-SiLU conv output, the
+    ungated scan output, and the LoRA adapters' dropout masks. tests/test_training_grad.py
+    checks, name by name, that its activations equal the model's `record=True` entries.
     """
 
     def __init__(self, config: MambaConfig, params: dict, adapters: dict | None = None, scan="auto",
-                 scan_chunk=64):
+                 scan_chunk=64, selective=True):
         if scan not in SCAN_IMPLS:
             raise ValueError(f"scan must be one of {SCAN_IMPLS}, got {scan!r}")
         self.config = config
@@ -56,6 +65,7 @@ class TrainingModel:
                 scan = "numpy"
         self.scan = scan
         self.scan_chunk = scan_chunk
+        self.selective = selective
 
     # ------------------------------------------------------------ trainable parameters
 
@@ -110,7 +120,8 @@ class TrainingModel:
         conv_bias = P.get(m + "conv1d.bias")
         x_conv, s["conv"] = op.causal_conv_forward(x, P[m + "conv1d.weight"][:, 0, :], conv_bias)  # (b, l, e)
         xs, s["silu"] = op.silu_forward(x_conv)  # (b, l, e)
-        x_dbl, s["x_proj"] = self._linear_forward(m + "x_proj", xs, rng, training)  # (b, l, r + 2n)
+        x_sel = xs if self.selective else np.ones_like(xs)  # selective off: dt, B, C from a vector of ones
+        x_dbl, s["x_proj"] = self._linear_forward(m + "x_proj", x_sel, rng, training)  # (b, l, r + 2n)
         dt_low, B, C = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]  # (b, l, r), (b, l, n) x 2
         dt, s["dt_proj"] = self._linear_forward(m + "dt_proj", dt_low, rng, training)  # (b, l, e), bias included
         delta, s["softplus"] = op.softplus_forward(dt)  # (b, l, e)
@@ -142,7 +153,8 @@ class TrainingModel:
         ddt = op.softplus_backward(ddelta, s["softplus"])  # (b, l, e)
         ddt_low = self._linear_backward(ddt, s["dt_proj"], grads)  # (b, l, r)
         dx_dbl = np.concatenate([ddt_low, dB, dC], axis=-1)  # (b, l, r + 2n)
-        dxs = self._linear_backward(dx_dbl, s["x_proj"], grads) + du  # (b, l, e)
+        dx_sel = self._linear_backward(dx_dbl, s["x_proj"], grads)  # (b, l, e)
+        dxs = dx_sel + du if self.selective else du  # selective off: x_proj read ones, not x
         dx_conv = op.silu_backward(dxs, s["silu"])
         dx, dconv_w, dconv_b = op.causal_conv_backward(dx_conv, s["conv"], need_bias_grad=(m + "conv1d.bias") in P)
         dxz = np.concatenate([dx, dz], axis=-1)  # (b, l, 2e)
