@@ -67,7 +67,8 @@ class Recorder:
     def __init__(self, names=None, layers=None):
         if isinstance(names, str):
             names = [names]
-        self.patterns = None if names is None else list(names)
+        self.patterns = None if names is None else [p for p in names if any(c in p for c in "*?[")]
+        self.exact = set() if names is None else {p for p in names if not any(c in p for c in "*?[")}
         self.layers = None if layers is None else {int(i) for i in layers}
         self._wanted = {}
         self._chunks = {}  # name -> [array per chunk of the sequence]
@@ -98,7 +99,9 @@ class Recorder:
         layer = _LAYER.match(name)
         if self.layers is not None and layer and int(layer.group(1)) not in self.layers:
             return False
-        return self.patterns is None or any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+        if self.patterns is None and not self.exact:
+            return True
+        return name in self.exact or any(fnmatch.fnmatchcase(name, p) for p in self.patterns or ())
 
     def put(self, prefix, short, value):
         """Keep `value` under "prefix.short" if asked for (value may be a function, called only then)."""

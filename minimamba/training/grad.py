@@ -1,6 +1,12 @@
-"""The whole model's loss and parameter gradients, by chaining the ops of `backward.py`.
+"""The whole model's loss and parameter gradients: the model's own forward, then the ops of `backward.py` in reverse.
 
     loss, grads = TrainingModel(config, state_dict).loss_and_grad(input_ids)
+
+One forward (as llm.c): the pass is `MambaForCausalLM`'s, run with `record=` for the
+activations the backward reads, and with two kernels plugged in through `impl=`
+(`_conv_kernel`, `_scan_kernel`: the same conv and scan) that also keep what the
+inference kernels fuse away: the conv's output before its SiLU, the scan's states
+and its output before the gate. The backward recomputes RMSNorm's 1/rms.
 
 Parameters are the arrays of `MambaForCausalLM.state_dict()`, by their
 transformers names; gradients come back under the same names (and, for LoRA
@@ -38,11 +44,9 @@ class TrainingModel:
             applied to a vector of ones, so dt, B and C are learned constants (an S4-like,
             time-invariant layer); x_proj's weight still gets its gradient, x gets none that way.
 
-    NOTE: this forward is a second copy of the block's arithmetic (minimamba/model.py has the
-    first), kept because the backward needs what the inference kernels do not hand out: the
-    scan's chunk-boundary states (kernels/cpu_backward.py), the pre-SiLU conv output, the
-    ungated scan output, and the LoRA adapters' dropout masks. tests/test_training_grad.py
-    checks, name by name, that its activations equal the model's `record=True` entries.
+    NOTE: no second copy of the block: the forward is the inference model's (see the module
+    docstring). The embedding lookup and the head stay here, because a LoRA adapter on the
+    embeddings has no place in the inference model and the loss needs only l - 1 positions.
     """
 
     def __init__(self, config: MambaConfig, params: dict, adapters: dict | None = None, scan="auto",
@@ -66,6 +70,8 @@ class TrainingModel:
         self.scan = scan
         self.scan_chunk = scan_chunk
         self.selective = selective
+        self._model = self._names = self._kernel_saved = None
+        self._lora_saved = {}
 
     # ------------------------------------------------------------ trainable parameters
 
@@ -78,17 +84,88 @@ class TrainingModel:
             out.update({f"{module}.{k}": v for k, v in adapter.named_arrays().items()})
         return out
 
-    # ------------------------------------------------------------ linear layers, with LoRA when asked
+    # ------------------------------------------------------------ the forward: the model's own
 
-    def _linear_forward(self, module, x, rng, training):
-        weight = self.params[module + ".weight"]
-        y, _ = op.linear_forward(x, weight, self.params.get(module + ".bias"))
-        lora_saved = None
-        adapter = self.adapters.get(module)
-        if adapter is not None:
-            y_lora, lora_saved = lora_ops.lora_linear_forward(x, adapter, rng if training else None)
-            y = y + y_lora
-        return y, (module, x, lora_saved)
+    def _model_for(self, dtype):
+        """The inference model that runs the forward, with this model's scan plugged in (made once)."""
+        if self._model is None or self._model.dtype != dtype:
+            from ..model import MambaForCausalLM
+
+            base = "numpy" if self.scan == "numpy" else None  # conv and rms_norm: readable, or auto (numba)
+            self._model = MambaForCausalLM(self.config, dtype=dtype, init=False,
+                                           impl={"selective_scan_fn": self._scan_kernel,
+                                                 "causal_conv1d_fn": self._conv_kernel, "base": base})
+            self._model.backbone.prefill_chunk_size = None  # one pass: the saved activations cover it all
+            self._model_names = list(self._model.parameter_shapes())
+        return self._model
+
+    def _point_model_at_params(self, rng):
+        """Bind the model to the current arrays (no copies) and wrap the adapted weights for this pass."""
+        model = self._model_for(self.params["backbone.embeddings.weight"].dtype)
+        model.load_state_dict({k: self.params[k] for k in self._model_names})
+        for layer in model.backbone.layers:
+            layer.mixer.selective = self.selective
+        self._lora_saved = {}
+        for module, adapter in self.adapters.items():
+            if adapter.kind == "linear":
+                obj, attr = model._slot(module + ".weight")
+                setattr(obj, attr, _AdaptedWeight(getattr(obj, attr), adapter, rng, module, self._lora_saved))
+        return model
+
+    def _conv_kernel(self, x, weight, bias=None, activation=None):
+        """The model's causal_conv1d_fn while training: it also keeps the padded input and the pre-SiLU output.
+
+        x (b, e, l), weight (e, k), as `ops.causal_conv1d_fn`; inside, backward.py's (b, l, e) layout.
+        """
+        if activation != "silu":
+            raise ValueError("the training conv is the model's: followed by SiLU")
+        x_conv, conv_saved = op.causal_conv_forward(x.transpose(0, 2, 1), weight, bias)  # (b, l, e)
+        xs, _ = op.silu_forward(x_conv)  # (b, l, e)
+        if self._kernel_saved is not None:
+            self._kernel_saved.append({"conv": conv_saved, "silu": x_conv})
+        return xs.transpose(0, 2, 1)  # (b, e, l)
+
+    def _scan_kernel(self, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                     return_last_state=False, initial_state=None):
+        """The model's selective_scan_fn while training: ops' signature, and it keeps what the backward reads.
+
+        u, delta, z (b, e, l); B, C (b, n, l), as `ops.selective_scan_fn`. Inside, the (b, l, e)
+        layout of backward.py: the numba kernel keeps chunk-boundary states, the numpy loop all of them.
+        """
+        if initial_state is not None or not delta_softplus or z is None:
+            raise ValueError("the training scan runs a whole sequence from a zero state, gated, with softplus")
+        xs = np.ascontiguousarray(u.transpose(0, 2, 1))  # (b, l, e)
+        dt = delta.transpose(0, 2, 1) + delta_bias  # (b, l, e): softplus's input
+        delta, _ = op.softplus_forward(dt)  # (b, l, e)
+        B, C = np.ascontiguousarray(B.transpose(0, 2, 1)), np.ascontiguousarray(C.transpose(0, 2, 1))  # (b, l, n)
+        if self.scan == "numba":
+            y, states = self._kernels.scan_forward(xs, delta, A, B, C, D, self.scan_chunk)  # (b, l, e)
+        else:
+            y, states = op.selective_scan_forward(xs, delta, A, B, C, D)
+        z = z.transpose(0, 2, 1)  # (b, l, e)
+        gated, _ = op.gate_forward(y, z)  # (b, l, e)
+        if self._kernel_saved is not None:  # the conv of this layer has just appended its own entry
+            self._kernel_saved[-1].update({"softplus": dt, "scan": (xs, delta, A, B, C, D, states), "gate": (y, z)})
+        gated = gated.transpose(0, 2, 1)  # (b, e, l)
+        return (gated, None) if return_last_state else gated
+
+    def _saved_from_record(self, i, record, kernel_saved):
+        """What block i's backward reads, from the model's record (and the scan's own saved arrays)."""
+        cfg, P = self.config, self.params
+        r = cfg.time_step_rank
+        p = f"backbone.layers.{i}"
+        m = p + ".mixer."
+        block_in = record["backbone.embeddings"] if i == 0 else record[f"backbone.layers.{i - 1}"]
+        xs = record[m + "conv_act"]  # (b, l, e)
+        lora = self._lora_saved.get
+        return {
+            "norm": op.rms_norm_forward(block_in, P[p + ".norm.weight"], cfg.layer_norm_epsilon)[1],  # 1/rms again
+            "in_proj": (m + "in_proj", record[p + ".norm"], lora(m + "in_proj")),
+            **kernel_saved,  # conv, silu, softplus, scan, gate: kept by the plugged-in kernels
+            "x_proj": (m + "x_proj", xs if self.selective else np.ones_like(xs), lora(m + "x_proj")),
+            "dt_proj": (m + "dt_proj", record[m + "x_proj"][..., :r], lora(m + "dt_proj")),
+            "out_proj": (m + "out_proj", record[m + "gated"], lora(m + "out_proj")),
+        }
 
     def _linear_backward(self, dy, saved, grads):
         module, x, lora_saved = saved
@@ -105,38 +182,6 @@ class TrainingModel:
             dx = dx + dx_lora
             grads.update({f"{module}.{k}": v for k, v in lora_grads.items()})
         return dx
-
-    # ------------------------------------------------------------ one mixer block
-
-    def _block_forward(self, i, residual, rng, training):
-        cfg, P = self.config, self.params
-        e, n, r = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
-        p = f"backbone.layers.{i}."
-        m = p + "mixer."
-        s = {}
-        normed, s["norm"] = op.rms_norm_forward(residual, P[p + "norm.weight"], cfg.layer_norm_epsilon)  # (b, l, d)
-        xz, s["in_proj"] = self._linear_forward(m + "in_proj", normed, rng, training)  # (b, l, 2e)
-        x, z = xz[..., :e], xz[..., e:]  # (b, l, e) each: x first, gate second
-        conv_bias = P.get(m + "conv1d.bias")
-        x_conv, s["conv"] = op.causal_conv_forward(x, P[m + "conv1d.weight"][:, 0, :], conv_bias)  # (b, l, e)
-        xs, s["silu"] = op.silu_forward(x_conv)  # (b, l, e)
-        x_sel = xs if self.selective else np.ones_like(xs)  # selective off: dt, B, C from a vector of ones
-        x_dbl, s["x_proj"] = self._linear_forward(m + "x_proj", x_sel, rng, training)  # (b, l, r + 2n)
-        dt_low, B, C = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]  # (b, l, r), (b, l, n) x 2
-        dt, s["dt_proj"] = self._linear_forward(m + "dt_proj", dt_low, rng, training)  # (b, l, e), bias included
-        delta, s["softplus"] = op.softplus_forward(dt)  # (b, l, e)
-        A = -np.exp(P[m + "A_log"])  # (e, n)
-        D = P[m + "D"]
-        B, C = np.ascontiguousarray(B), np.ascontiguousarray(C)
-        if self.scan == "numba":
-            y, h_start = self._kernels.scan_forward(xs, delta, A, B, C, D, self.scan_chunk)  # (b, l, e)
-            s["scan"] = (xs, delta, A, B, C, D, h_start)
-        else:
-            y, states = op.selective_scan_forward(xs, delta, A, B, C, D)
-            s["scan"] = (xs, delta, A, B, C, D, states)
-        gated, s["gate"] = op.gate_forward(y, z)  # (b, l, e)
-        out, s["out_proj"] = self._linear_forward(m + "out_proj", gated, rng, training)  # (b, l, d)
-        return residual + out, s
 
     def _block_backward(self, i, dresidual, s, grads):
         cfg, P = self.config, self.params
@@ -189,34 +234,43 @@ class TrainingModel:
         return self.params["lm_head.weight"]
 
     def _forward(self, input_ids, labels, rng, training, keep):
-        cfg, P = self.config, self.params
+        cfg = self.config
         ids = _check_ids(input_ids, cfg.vocab_size)
         labels = ids if labels is None else np.asarray(labels)
         if labels.shape != ids.shape:
             raise ValueError(f"labels has shape {labels.shape} but input_ids has {ids.shape}")
-        hidden, emb_saved = self._embed(ids, rng, training)  # (b, l, d)
-        saved = []
-        for i in range(cfg.num_hidden_layers):
-            hidden, s = self._block_forward(i, hidden, rng, training)
-            if keep:
-                saved.append(s)
-        final, norm_saved = op.rms_norm_forward(hidden, P["backbone.norm_f.weight"], cfg.layer_norm_epsilon)
+        final, emb_saved, saved = self._backbone(ids, rng if training else None, keep)
         b, l, d = final.shape
         feats = final[:, :-1].reshape(-1, d)  # (b (l-1), d): the last position predicts nothing
         logits = feats @ self.head_weight().T  # (b (l-1), V)
         targets = labels[:, 1:].reshape(-1)
         loss, ce_saved = op.cross_entropy_forward(logits, targets)
-        cache = (ids, emb_saved, saved, norm_saved, feats, ce_saved, (b, l, d)) if keep else None
+        cache = (ids, emb_saved, saved, feats, ce_saved, (b, l, d)) if keep else None
         return loss, cache
+
+    def _backbone(self, ids, rng, keep):
+        """The embeddings here (they may carry a LoRA adapter), then the model's own forward, recording
+        what the backward reads: (norm_f output (b, l, d), embedding LoRA saved, (record, [scan's saved per layer]))."""
+        hidden, emb_saved = self._embed(ids, rng, rng is not None)  # (b, l, d)
+        model = self._point_model_at_params(rng)
+        self._kernel_saved = [] if keep else None
+        try:
+            out = model.backbone(inputs_embeds=hidden, record=self._record_names() if keep else False)
+        finally:
+            kernel_saved, self._kernel_saved = self._kernel_saved, None
+        return out.last_hidden_state, emb_saved, (out.record, kernel_saved) if keep else None
+
+    def _record_names(self):
+        if self._names is None:  # exact names (no wildcards): the Recorder matches them by a set lookup
+            per_layer = ("norm", "mixer.in_proj", "mixer.conv_act", "mixer.x_proj", "mixer.gated", "")
+            self._names = ["backbone.embeddings"] + [f"backbone.layers.{i}.{n}".rstrip(".") for i in
+                                                     range(self.config.num_hidden_layers) for n in per_layer]
+        return self._names
 
     def logits(self, input_ids):
         """logits (b, l, V) of the model with its adapters (no dropout); for checks against other libraries."""
-        cfg = self.config
-        ids = _check_ids(input_ids, cfg.vocab_size, min_length=1)
-        hidden, _ = self._embed(ids, None, False)
-        for i in range(cfg.num_hidden_layers):
-            hidden, _ = self._block_forward(i, hidden, None, False)
-        final, _ = op.rms_norm_forward(hidden, self.params["backbone.norm_f.weight"], cfg.layer_norm_epsilon)
+        ids = _check_ids(input_ids, self.config.vocab_size, min_length=1)
+        final, _, _ = self._backbone(ids, None, keep=False)
         return final @ self.head_weight().T  # (b, l, V)
 
     def loss(self, input_ids, labels=None) -> float:
@@ -227,7 +281,9 @@ class TrainingModel:
         """(loss, {name: gradient}) for every trainable array; `rng` drives LoRA dropout."""
         cfg = self.config
         loss, cache = self._forward(input_ids, labels, rng, training=True, keep=True)
-        ids, emb_saved, saved, norm_saved, feats, ce_saved, (b, l, d) = cache
+        ids, emb_saved, (record, kernel_saved), feats, ce_saved, (b, l, d) = cache
+        last = record[f"backbone.layers.{cfg.num_hidden_layers - 1}"]  # norm_f's input
+        norm_saved = op.rms_norm_forward(last, self.params["backbone.norm_f.weight"], cfg.layer_norm_epsilon)[1]
         grads = {}
         dlogits = op.cross_entropy_backward(1.0, ce_saved)  # (b (l-1), V)
         W_head = self.head_weight()
@@ -239,7 +295,8 @@ class TrainingModel:
         if self.train_base:
             grads["backbone.norm_f.weight"] = dnorm_f
         for i in range(cfg.num_hidden_layers - 1, -1, -1):
-            dhidden = self._block_backward(i, dhidden, saved[i], grads)
+            saved = self._saved_from_record(i, record, kernel_saved[i])  # built layer by layer: bounded memory
+            dhidden = self._block_backward(i, dhidden, saved, grads)
         if self.train_base:
             dE = op.embedding_backward(dhidden, ids, cfg.vocab_size)
             if cfg.tie_word_embeddings:
@@ -263,3 +320,18 @@ def _check_ids(input_ids, vocab_size, min_length=2):
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got min {ids.min()} max {ids.max()}")
     return ids.astype(np.int64, copy=False)
+
+
+class _AdaptedWeight:
+    """A base weight with its LoRA adapter, as the model's `ops.linear` calls it: x W^T + lora(x).
+
+    The adapter's forward keeps its dropout mask and low-rank activations for the backward.
+    """
+
+    def __init__(self, weight, adapter, rng, module, saved):
+        self.weight, self.adapter, self.rng, self.module, self.saved = weight, adapter, rng, module, saved
+        self.shape, self.dtype = weight.shape, weight.dtype
+
+    def linear(self, x):
+        y_lora, self.saved[self.module] = lora_ops.lora_linear_forward(x, self.adapter, self.rng)
+        return x @ self.weight.T + y_lora  # (..., out)
