@@ -172,7 +172,7 @@ for selective in (True, False):
 # default 16, which halves the cost of the scan), a larger learning rate and far fewer
 # steps. We also keep a second validation set with **4x the context**: the same number of
 # data tokens, four times the noise between them, a length the models never train on.
-# A model that skips noise should hardly notice; one that locates the data by time
+# A model that skips noise should keep most of its accuracy; one that locates the data by time
 # should not cope.
 
 # %%
@@ -291,10 +291,10 @@ print(f"with 4x the noise the selective model keeps {sel_long / sel_final:.0%} o
 
 # %%
 # 1. Table 1's comparison, at our scale: the selective model ahead at the trained length
-#    (measured: 97.8% vs 75.0% after the full run, 41.6% vs 29.5% after the short one).
+#    (measured: 99.5% vs 74.3% after the full run, 42.0% vs 29.3% after the short one).
 assert sel_final > lti_final, f"selective {sel_final:.1%} is not ahead of time-invariant {lti_final:.1%}"
-# 2. With 4x the noise the selective model loses little, and stays far ahead of the LTI one
-#    (measured: 94.9% vs 34.4% after the full run, 43.8% vs 9.4% after the short one).
+# 2. With 4x the noise the selective model keeps most of its accuracy, and stays far ahead of the LTI one
+#    (measured: 86.3% vs 31.0% after the full run, 43.0% vs 9.4% after the short one).
 assert sel_long >= 0.75 * sel_final, f"selective: {sel_long:.1%} at 4x context vs {sel_final:.1%}"
 assert sel_long - lti_long >= 0.15, f"at 4x context: selective {sel_long:.1%}, time-invariant {lti_long:.1%}"
 if FULL:  # trained to the end: the selective model solves the task, the LTI one does not, and fails with more noise
@@ -345,7 +345,7 @@ for i in range(CONFIG.num_hidden_layers):  # by construction: one dt for every t
     values = list(mean_dt[False, i].values())
     # the same float32 number averaged over two sets of positions: pairwise summation, ~log2(9000) = 13 roundings
     check(f"time-invariant layer {i}: dt at data vs at noise", values[1], values[0], rtol=64 * EPS32)
-RATIO_AT_LEAST = 3.0 if FULL else 2.0  # measured: 9.9x after the full run, 3.8x after the short one
+RATIO_AT_LEAST = 3.0 if FULL else 2.0  # measured: 10.4x after the full run, 3.9x after the short one
 assert ratio >= RATIO_AT_LEAST, f"the selective model's dt at data tokens is only {ratio:.2f}x that at noise"
 
 # %% [markdown]
@@ -358,9 +358,9 @@ assert ratio >= RATIO_AT_LEAST, f"the selective model's dt at data tokens is onl
 # length that goes a long way. What it cannot do is ignore the noise: spread the same
 # tokens over 4x as many positions and most of what it learned no longer applies. The
 # selective model learned the other solution: in one layer its `dt` is much smaller at
-# noise than at data tokens, so noise barely moves the state, and the number of noise
-# tokens in between hardly matters. That is the paper's point about selection, in one
-# picture.
+# noise than at data tokens (about 10x after the full run), so noise barely moves the
+# state, and four times as many noise tokens in between cost it far less than they cost
+# the time-invariant model. That is the paper's point about selection, in one picture.
 #
 # What differs from the paper: our sequences are 64x shorter and hold 4, not 16, data
 # tokens; our `state_size` is 8; we train 1200 steps with a cosine schedule instead of
