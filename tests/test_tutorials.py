@@ -24,6 +24,7 @@ ALLOWED_IMPORTS = {"minimamba", "minimamba.ops", "numpy", "matplotlib", "matplot
                    "os", "sys", "time", "math", "pathlib", "json", "struct", "tempfile",
                    "numba", "minimamba.kernels.cuda",  # tutorials 6, 7: the CUDA kernels under the simulator
                    "minimamba.training.backward", "tracemalloc", "importlib.util",  # tutorial 8: the backward
+                   "minimamba.training.grad", "minimamba.training.optim",  # tutorial 9: training
                    "_common"}  # tutorials/_common.py: check(), save() and the figure folder, shared by all
 BUILTIN_WEIGHTS = TUTORIALS_DIR.parent / "minimamba" / "builtin" / "model.safetensors"
 

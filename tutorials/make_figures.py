@@ -22,6 +22,7 @@ def main(prefixes):
         sys.exit(f"no tutorial in {HERE} starts with {' or '.join(prefixes)}")
     env = dict(os.environ, MPLBACKEND="Agg", MINIMAMBA_FIGURES_DIR=str(HERE / "figures"))
     env.setdefault("OMP_NUM_THREADS", "1")  # the timings in tutorial 4 are single-threaded
+    env["MINIMAMBA_TUTORIAL_FULL"] = "1"  # tutorial 9 trains its full version (minutes); the tests run a short one
     for path in tutorials:
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, str(path)], cwd=HERE, env=env, capture_output=True, text=True)
