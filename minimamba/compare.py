@@ -178,12 +178,14 @@ class Comparison:
 
     def plot(self, path):
         """Error over tolerance per layer, one line per kind of tensor (log scale); written to `path`."""
-        import matplotlib
+        try:  # a Figure of its own, not pyplot: the caller's matplotlib backend and figures stay as they are
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError("--plot draws with matplotlib: pip install matplotlib "
+                              "(or pip install -e '.[tutorials]' in the repository)") from None
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        fig = Figure(figsize=(7, 4), dpi=100)
+        ax = fig.subplots()
         kinds = {}
         for r in self.rows:
             layer = layer_of(r.name)
@@ -201,7 +203,6 @@ class Comparison:
         ax.legend(fontsize=6, ncol=3)
         fig.tight_layout()
         fig.savefig(path)
-        plt.close(fig)
 
 
 def compare(ref, mine, rtol=None, atol=None, envelope=None, factor=ENVELOPE_FACTOR) -> Comparison:

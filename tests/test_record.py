@@ -4,6 +4,7 @@ Comparisons between two ways of computing the same numbers use float32 rounding
 of a few operations (TOL, as in test_model.py); "changes no output" is exact.
 """
 
+import importlib.util
 import re
 
 import numpy as np
@@ -15,7 +16,9 @@ from minimamba import MambaCache, MambaForCausalLM, ops
 from minimamba.impl import KERNEL_NAMES
 
 TOL = 1e-5
-IMPLS = ["reference", "numpy", "numba"]
+NEEDS_NUMBA = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
+                                 reason="impl='numba' needs numba (the fast extra)")
+IMPLS = ["reference", "numpy", pytest.param("numba", marks=NEEDS_NUMBA)]
 
 
 def table_names():
