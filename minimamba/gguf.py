@@ -1,6 +1,6 @@
 """Reading llama.cpp's Mamba GGUF files (architecture "mamba"), quantized tensors kept quantized.
 
-Needs the `gguf` package of the ggml project: pip install 'minimamba[gguf]'.
+Needs the `gguf` package of the ggml project: pip install gguf (or pip install -e '.[gguf]' in the repository).
 
     model = MambaForCausalLM.from_pretrained("mamba-130m-Q8_0.gguf")   # Q8_0 stays int8
     minimamba generate "Hello" --model mamba-130m-Q4_0.gguf
@@ -62,7 +62,7 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise ImportError("reading GGUF files needs the gguf package: pip install 'minimamba[gguf]'") from None
+        raise ImportError("reading GGUF files needs the gguf package: pip install gguf (or pip install -e '.[gguf]' in the repository)") from None
     return gguf
 
 

@@ -21,7 +21,7 @@ echo "==> environment"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" - <<'PY'
 import importlib, sys
-needed = {"cupy": "pip install 'minimamba[gpu]' (CUDA 12) or 'minimamba[gpu-cuda13]'",
+needed = {"cupy": "pip install -e '.[gpu]' in the repository (CUDA 12) or '.[gpu-cuda13]'",
           "numba.cuda": "pip install 'numba-cuda>=0.30,<0.31'",
           "minimamba": "pip install -e . from the repository root"}
 optional = {"torch": "a CUDA build of torch, for the comparison with transformers",
