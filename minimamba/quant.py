@@ -278,6 +278,17 @@ def quantize(model, scheme, block_size=32, modules=None):
     return new
 
 
+def dequantized(model):
+    """A float model (same class, config and dtype) holding `model`'s weights as the quantized model
+    uses them: each QuantizedWeight dequantized. For tools that rebuild a model from its state_dict
+    (the float32 error envelope of `minimamba dump`)."""
+    state = {n: v.dequantize() if isinstance(v, QuantizedWeight) else model.backend.to_numpy(v)
+             for n, v in model.state_dict().items()}
+    twin = type(model)(model.config, dtype=model.dtype, impl="numpy", init=False)
+    twin.kernels = model.kernels
+    return twin.load_state_dict(state)
+
+
 def weight_bytes(model) -> int:
     """Bytes of every parameter as stored in memory: packed weights and scales, float tensors."""
     return sum(v.nbytes for v in model.state_dict().values())
