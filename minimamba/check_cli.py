@@ -53,6 +53,12 @@ def cmd_dump(args):
     if (args.prompt is None) == (args.ids is None):
         raise ValueError("give exactly one of --prompt or --ids")
     model, source = load_dump_model(args)
+    if args.quantization:  # what int8 / int4 weights do to each activation: compare with a float dump
+        from .quant import quantize
+
+        if args.engine != "minimamba":
+            raise ValueError("--quantization runs minimamba's own forward: use it with --engine minimamba")
+        model, source = quantize(model, args.quantization, args.block_size), f"{source}:{args.quantization}-b{args.block_size}"
     if args.ids is not None:
         ids = _ids(args.ids)
     else:
@@ -78,7 +84,10 @@ def cmd_dump(args):
         raise ValueError(f"nothing recorded: no name matches --names {names!r} in --layers {args.layers}")
     meta = {"input_ids": ids.tolist(), "dtype": args.dtype, "model": source, "engine": args.engine}
     if not args.no_envelope:
-        meta["envelope"] = error_envelope(model, ids, names, layers)
+        from .quant import dequantized  # a quantized model's envelope: float32 vs float64 of its dequantized weights
+
+        meta["envelope"] = error_envelope(dequantized(model) if getattr(model, "quantization_config", None) else model,
+                                          ids, names, layers)
     save_record(args.output, record, meta)
     print(f"wrote {len(record)} tensors ({sum(v.nbytes for v in record.values()) / 1e6:.1f} MB) of {args.engine} "
           f"{args.dtype} on {ids.shape[1]} tokens to {args.output}"
@@ -114,6 +123,10 @@ def add_check_parsers(sub):
     p.add_argument("--layers", default=None, help="layers to record: 0,3,5-7 (default all)")
     p.add_argument("--names", default=None, help="fnmatch pattern of names to record, e.g. '*.scan'")
     p.add_argument("--no-envelope", action="store_true", help="skip the float32 error envelope (one pass less)")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="quantize the weights first (minimamba.quant): compare with a float dump to see, tensor by "
+                        "tensor, what quantization does to the activations")
+    p.add_argument("--block-size", type=int, default=32, help="with --quantization: weights per scale (32 or 128)")
     p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     p.set_defaults(func=cmd_dump)
 

@@ -49,11 +49,14 @@ def _decode_bytes(model):
 
 
 def run_quant_bench(args):
+    from . import threads
     from .bench import MinimambaRunner, _bench_model, measure_bandwidth, time_runner
     from .quant import SCHEMES, perplexity_table, weight_bytes
 
     if (args.model is None) == (args.shape is None):
         raise ValueError("give exactly one of --model PATH or --shape NAME")
+    if not getattr(args, "untuned", False):  # as the float bench: OpenBLAS's spinning threads left to
+        threads.tune_threads()  # themselves take the cores from the Numba kernels between two matmuls
     schemes = SCHEMES if args.quantization == "both" else (args.quantization,)
     block_sizes = [int(b) for b in str(args.block_size).split(",")]
     source = args.model if args.model is not None else f"shape:{args.shape}"
@@ -64,6 +67,7 @@ def run_quant_bench(args):
           f"{model.num_parameters() / 1e6:.1f} M parameters; impl {model.kernels.name}")
     print(f"run        batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{args.repeat} repeats, rows timed in turn within each repeat")
+    print(f"threads    {threads.note()}")
 
     rng = np.random.default_rng(args.seed)
     ids = rng.integers(0, model.config.vocab_size, size=(args.batch, args.prompt_len), dtype=np.int64)

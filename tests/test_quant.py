@@ -168,6 +168,18 @@ def test_numba_model_matches_numpy_model_and_decode_matches_prefill(qmodel_float
         assert np.abs(np.concatenate(steps, axis=1) - full).max() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("impl, kernel_calls", [(None, 7), ("numba", 7), ("numpy", 0), ("reference", 0)])
+def test_each_impl_multiplies_where_it_says(qmodel_float, impl, kernel_calls, monkeypatch):
+    """impl auto and numba multiply from the packed bytes (the NumPy path dequantizes a whole matrix per
+    call: 35x slower on the 130m shape's in_proj); numpy and reference keep the readable path."""
+    kq = pytest.importorskip("minimamba.kernels.quant")
+    calls = []
+    monkeypatch.setattr(kq, "linear", lambda weight, x, real=kq.linear: calls.append(weight.shape) or real(weight, x))
+    q = quantize(MambaForCausalLM(qmodel_float.config, seed=3, impl=impl), "int8")
+    q(np.array([[5, 9, 60]]))
+    assert len(calls) == kernel_calls  # 2 layers x (in_proj, x_proj, out_proj) + the tied head
+
+
 def test_explicit_module_that_does_not_divide_is_an_error(qmodel_float):
     with pytest.raises(QuantizationError, match="dt_proj.weight: a row of 5 weights"):
         quantize(qmodel_float, "int8", 32, modules=["in_proj", "dt_proj"])
@@ -251,3 +263,38 @@ def test_dequantize_blocks_is_the_documented_formula():
     w = dequantize_blocks(qs, scales, "int4", 32)[0]
     assert w[0] == (0xF - 8) * 0.5 and w[16] == (0x1 - 8) * 0.5  # byte 0: low nibble -> weight 0, high -> 16
     assert w[1] == (0x0 - 8) * 0.5 and w[17] == (0x8 - 8) * 0.5
+
+
+# ---------------------------------------------------------------- minimamba dump --quantization
+
+
+def test_dump_quantization_shows_what_it_does_to_each_activation(qmodel_float, tmp_path, capsys):
+    from minimamba.cli import main
+    from minimamba.compare import load_record
+
+    folder = tmp_path / "float"
+    qmodel_float.save_pretrained(folder)
+    ids = [5, 9, 60, 1, 0, 33]
+    paths = {q: str(tmp_path / f"{q}.safetensors") for q in ("float64", "int8", "int4")}
+    for q, path in paths.items():
+        extra = [] if q == "float64" else ["--quantization", q]
+        assert main(["dump", "--model", str(folder), "--ids", ",".join(map(str, ids)), "--dtype", "float64",
+                     "-o", path] + extra) == 0
+    ref = load_record(paths["float64"])[0]
+    table = qmodel_float.state_dict()["backbone.embeddings.weight"]
+    errors = {}
+    for q in ("int8", "int4"):
+        record, meta = load_record(paths[q])
+        assert meta["model"].endswith(f":{q}-b32") and sorted(record) == sorted(ref)
+        # the recorded embeddings are the dequantized rows, exactly: the dump ran the quantized weights
+        rows = quantize_array(table, q, 32).dequantize()[ids].astype(np.float64)
+        assert np.array_equal(record["backbone.embeddings"][0], rows), q
+        errors[q] = np.abs(record["lm_head"] - ref["lm_head"]).max() / np.abs(ref["lm_head"]).max()
+        capsys.readouterr()
+        assert main(["compare", paths["float64"], paths[q]]) == 1  # beyond float32 rounding, from the start
+        assert "first divergence: backbone.embeddings" in capsys.readouterr().out
+    # int4 steps are 16x coarser than int8's (d = max|w| / 8 against / 127): the logits say so
+    assert 0 < errors["int8"] < errors["int4"] / 4, errors
+    assert main(["dump", "--model", str(folder), "--ids", "1,2", "--quantization", "int8", "--engine", "transformers",
+                 "-o", paths["int8"]]) == 2
+    assert "use it with --engine minimamba" in capsys.readouterr().err
