@@ -29,9 +29,11 @@ Versions, and what each parallelises over:
                      at a quarter of v2's speed, int8 at three quarters.)
     matmul       v1  x (m, K) with m > MATVEC_MAX_ROWS (prefill): the matrix is walked in
                      tiles of rows; each tile is dequantized into one float buffer
-                     (prange over its rows) and multiplied by NumPy's BLAS (tile @ x.T into
-                     a contiguous slab of the transposed output, transposed back once at
-                     the end). The buffer is TILE_BYTES (16 MB), reused for every tile, so
+                     (prange over its rows) and multiplied by NumPy's BLAS (x @ tile.T
+                     written into the tile's columns of the output; an earlier version
+                     wrote (rows, m) slabs and transposed the whole output at the end,
+                     a copy that cost more than the product: in_proj at 512 tokens 17.7 ms
+                     against float32's 7.2, now 8.3). The buffer is TILE_BYTES (16 MB), reused for every tile, so
                      the float copy never exceeds one tile (on the 130m shape a layer's
                      matrix is one tile; the 154 MB head, when every position's logits are
                      asked for, is ten). Dequantizing costs ~1/m of the multiply; what costs
@@ -265,10 +267,11 @@ def linear(weight, x):
         dequantize = _DEQUANTIZE[weight.scheme]
         rows = max(16, min(n, TILE_BYTES // (4 * k)))
         tile = np.empty((rows, k), dtype=np.float32)  # the one float buffer, reused by every tile
-        out_t = np.empty((n, m), dtype=np.float32)  # (N, m): each tile's product is a contiguous slab
+        out = np.empty((m, n), dtype=np.float32)  # (m, N)
         for r0 in range(0, n, rows):
             t = tile[:min(rows, n - r0)]  # (rows, K)
             dequantize(weight.qs, scales, r0, t, weight.block_size)
-            np.matmul(t, x2.T, out=out_t[r0:r0 + t.shape[0]])  # (rows, m), BLAS
-        out = np.ascontiguousarray(out_t.T)  # (m, N)
+            # (m, rows) into its columns of out, BLAS. NOTE: not (rows, m) then a transpose of the whole
+            # output: that copy took longer than the product (17.7 vs 7.0 ms for in_proj at 512 tokens).
+            np.matmul(x2, t.T, out=out[:, r0:r0 + t.shape[0]])
     return out.reshape(*lead, n)
