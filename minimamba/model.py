@@ -207,9 +207,6 @@ class _Pretrained:
     def kernels(self, kernels):
         self._kernel_slot.kernels = kernels
 
-    def _set_kernels(self, kernels):  # kept for kernels/gpu_check.py
-        self.kernels = kernels
-
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype="float32", backend="numpy", impl=None,
                         revision=None, cache_dir=None, allow_non_finite=False, quantization=None):
@@ -286,9 +283,12 @@ class _Pretrained:
     def to(self, backend=None, dtype=None, impl=None):
         """Move the weights to another backend ("numpy" / "cupy") and/or dtype; the impl stays unless named."""
         state = {name: self.backend.to_numpy(value) for name, value in self.state_dict().items()}
+        old_backend = self.backend.name
         self._setup(self.config, dtype or self.dtype, backend or self.backend.name)
-        impl = self._kernel_slot.impl if impl is None else impl
-        self._kernel_slot.impl, self._kernel_slot.kernels = impl, resolve_impl(impl, self.backend.name)
+        if impl is not None or self.backend.name != old_backend:  # else the kernels in use stay, assigned ones too
+            slot = self._kernel_slot
+            slot.impl = slot.impl if impl is None else impl
+            slot.kernels = resolve_impl(slot.impl, self.backend.name)
         return self.load_state_dict(state)
 
     def save_pretrained(self, folder):

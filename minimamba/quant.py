@@ -201,9 +201,9 @@ def _quantizable(name):
 
 
 def _empty_like_model(model):
-    new = type(model)(model.config, dtype=model.dtype, backend=model.backend.name, impl="numpy", init=False)
-    new._set_kernels(model.kernels)
-    new.kernels = model.kernels
+    new = type(model)(model.config, dtype=model.dtype, backend=model.backend.name, impl=model._kernel_slot.impl,
+                      init=False)
+    new.kernels = model.kernels  # the very set in use (a user's assignment included)
     return new
 
 
@@ -284,7 +284,7 @@ def dequantized(model):
     (the float32 error envelope of `minimamba dump`)."""
     state = {n: v.dequantize() if isinstance(v, QuantizedWeight) else model.backend.to_numpy(v)
              for n, v in model.state_dict().items()}
-    twin = type(model)(model.config, dtype=model.dtype, impl="numpy", init=False)
+    twin = type(model)(model.config, dtype=model.dtype, impl=model._kernel_slot.impl, init=False)
     twin.kernels = model.kernels
     return twin.load_state_dict(state)
 

@@ -89,7 +89,7 @@ def accuracy(models, results):
 
     for impl in ("cuda", "numpy"):
         kernels = resolve_impl(impl, "cupy")
-        gpu._set_kernels(kernels)
+        gpu.kernels = kernels
         cache = MambaCache(config, 2, backend=gpu.backend)
         got = [gpu(ids, cache_params=cache, use_cache=True).logits]
         for step in tokens[:-1]:
@@ -100,7 +100,7 @@ def accuracy(models, results):
         say(f"GPU float32 impl={impl:5s} vs CPU float64: max rel err {rel:.2e} (max abs {abs_:.2e}) over "
             f"prefill + 4 decode steps; no-cache forward {no_cache:.2e}")
         results[f"err_{impl}"], results[f"err_{impl}_nocache"] = rel, no_cache
-    gpu._set_kernels(resolve_impl("cuda", "cupy"))
+    gpu.kernels = resolve_impl("cuda", "cupy")
 
 
 def prefill_bench(models, results, lengths):
