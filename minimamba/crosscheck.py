@@ -69,12 +69,12 @@ def to_transformers(model, dtype="float32"):
 
     fields = {k: v for k, v in vars(model.config).items() if not k.startswith("_")}
     config = transformers.MambaConfig(**fields)
-    hf = transformers.MambaForCausalLM(config).eval()
-    state = {k: torch.from_numpy(np.ascontiguousarray(model.backend.to_numpy(v), dtype=np.float32))
-             for k, v in model.state_dict().items()}
+    hf = transformers.MambaForCausalLM(config).to(getattr(torch, dtype)).eval()  # load_state_dict casts to this
+    state = {k: torch.from_numpy(np.ascontiguousarray(model.backend.to_numpy(v), dtype=dtype))
+             for k, v in model.state_dict().items()}  # in `dtype` from the start: a float64 model loses nothing
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["backbone.embeddings.weight"]
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise ValueError(f"weights do not fit transformers' model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return hf.to(getattr(torch, dtype))
+    return hf

@@ -99,8 +99,9 @@ class TrainingModel:
             self._model_names = list(self._model.parameter_shapes())
         return self._model
 
-    def _point_model_at_params(self, rng):
-        """Bind the model to the current arrays (no copies) and wrap the adapted weights for this pass."""
+    def _point_model_at_params(self, rng, keep):
+        """Bind the model to the current arrays (no copies) and wrap the adapted weights for this pass
+        (keeping their activations for a backward only when `keep`)."""
         model = self._model_for(self.params["backbone.embeddings.weight"].dtype)
         model.load_state_dict({k: self.params[k] for k in self._model_names})
         for layer in model.backbone.layers:
@@ -109,7 +110,8 @@ class TrainingModel:
         for module, adapter in self.adapters.items():
             if adapter.kind == "linear":
                 obj, attr = model._slot(module + ".weight")
-                setattr(obj, attr, _AdaptedWeight(getattr(obj, attr), adapter, rng, module, self._lora_saved))
+                setattr(obj, attr, _AdaptedWeight(getattr(obj, attr), adapter, rng, module,
+                                                  self._lora_saved if keep else None))
         return model
 
     def _conv_kernel(self, x, weight, bias=None, activation=None):
@@ -252,7 +254,7 @@ class TrainingModel:
         """The embeddings here (they may carry a LoRA adapter), then the model's own forward, recording
         what the backward reads: (norm_f output (b, l, d), embedding LoRA saved, (record, [scan's saved per layer]))."""
         hidden, emb_saved = self._embed(ids, rng, rng is not None)  # (b, l, d)
-        model = self._point_model_at_params(rng)
+        model = self._point_model_at_params(rng, keep)
         self._kernel_saved = [] if keep else None
         try:
             out = model.backbone(inputs_embeds=hidden, record=self._record_names() if keep else False)
@@ -307,6 +309,7 @@ class TrainingModel:
         if emb_saved is not None:
             lora_grads = lora_ops.lora_embedding_backward(dhidden, emb_saved, self.adapters["backbone.embeddings"])
             grads.update({f"backbone.embeddings.{k}": v for k, v in lora_grads.items()})
+        self._lora_saved = {}  # the adapters' activations are spent: free them before the next pass
         return float(loss), grads
 
 
@@ -325,7 +328,8 @@ def _check_ids(input_ids, vocab_size, min_length=2):
 class _AdaptedWeight:
     """A base weight with its LoRA adapter, as the model's `ops.linear` calls it: x W^T + lora(x).
 
-    The adapter's forward keeps its dropout mask and low-rank activations for the backward.
+    The adapter's forward keeps its dropout mask and low-rank activations for the backward
+    in `saved` (None: a pass with no backward keeps nothing).
     """
 
     def __init__(self, weight, adapter, rng, module, saved):
@@ -333,5 +337,7 @@ class _AdaptedWeight:
         self.shape, self.dtype = weight.shape, weight.dtype
 
     def linear(self, x):
-        y_lora, self.saved[self.module] = lora_ops.lora_linear_forward(x, self.adapter, self.rng)
+        y_lora, kept = lora_ops.lora_linear_forward(x, self.adapter, self.rng)
+        if self.saved is not None:
+            self.saved[self.module] = kept
         return x @ self.weight.T + y_lora  # (..., out)
