@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 
+from .ops import linear
+
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -41,7 +43,7 @@ class LoraLinearWeight(_Adapted):
     """W (out, in) + (alpha / r) B A, applied as two thin matmuls (never formed)."""
 
     def linear(self, x):  # x (..., in) -> (..., out)
-        return x @ self.base.T + self.scale * ((x @ self.A.T) @ self.B.T)  # (..., r) then (..., out)
+        return linear(x, self.base) + self.scale * ((x @ self.A.T) @ self.B.T)  # (..., r) then (..., out)
 
 
 class LoraEmbeddingWeight(_Adapted):
@@ -51,7 +53,7 @@ class LoraEmbeddingWeight(_Adapted):
         return self.base[ids] + self.scale * (self.A.T[ids] @ self.B.T)  # A^T[ids]: (b, l, r)
 
     def linear(self, x):  # the tied head: x (..., d) -> (..., V)
-        return x @ self.base.T
+        return linear(x, self.base)
 
 
 def is_adapter_folder(folder) -> bool:

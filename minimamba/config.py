@@ -94,7 +94,9 @@ class MambaConfig:
         """How many numbers the weights hold (Python ints: no overflow for absurd configs)."""
         d, e, n, k, r, v = (self.hidden_size, self.intermediate_size, self.state_size, self.conv_kernel,
                             self.time_step_rank, self.vocab_size)
-        per_layer = d + 2 * e * d + e * k + e + (r + 2 * n) * e + e * r + e + e * n + e + d * e
+        per_layer = d + 2 * e * d + e * k + (r + 2 * n) * e + e * r + e + e * n + e + d * e
+        if self.use_conv_bias:
+            per_layer += e
         if self.use_bias:
             per_layer += 2 * e + d
         return v * d * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * per_layer + d

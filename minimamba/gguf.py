@@ -185,7 +185,7 @@ def a_log_of(A, reach=4):
 
 def from_gguf(cls, path, dtype="float32", backend="numpy", impl=None, quantization=None):
     """A MambaForCausalLM (or MambaModel) from a GGUF file; see the module docstring."""
-    from .quant import QuantizedWeight, build_model, quantize
+    from .quant import QuantizedWeight, build_model, quantize_as_asked
 
     path = os.fspath(path)
     reader = open_gguf(path)
@@ -200,12 +200,9 @@ def from_gguf(cls, path, dtype="float32", backend="numpy", impl=None, quantizati
         if quantization is not None:
             raise GGUFError(f"{path} already holds quantized tensors ({', '.join(schemes)}); load it without "
                             "quantization=")
-    model = build_model(cls, config, state, qconfig, dtype, backend, impl, path)
-    if not packed:
-        model.quantization_config = None
+    model = build_model(cls, config, state, qconfig, dtype, backend, impl, path)  # qconfig None: a float model
     if quantization is not None:
-        spec = quantization if isinstance(quantization, dict) else {"scheme": quantization}
-        model = quantize(model, spec["scheme"], spec.get("block_size", 32), spec.get("modules"))
+        model = quantize_as_asked(model, quantization)
     model.name_or_path, model.folder = path, None
     return model
 

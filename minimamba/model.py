@@ -228,16 +228,19 @@ class _Pretrained:
         folder = resolve_model_dir(path_or_repo_id, revision=revision, cache_dir=cache_dir)
         if is_adapter_folder(folder) and hasattr(cls, "load_adapter"):
             model = cls.from_pretrained(base_model_of(folder), dtype=dtype, backend=backend, impl=impl,
-                                        allow_non_finite=allow_non_finite)
+                                        allow_non_finite=allow_non_finite, quantization=quantization)
             return model.load_adapter(folder)
         config = MambaConfig.from_pretrained(folder)
-        if quantization is not None or "quantization_config" in config.extra:
+        if "quantization_config" in config.extra:  # saved quantized: the packed weights load as they are
             from .quant import from_pretrained_quantized
             return from_pretrained_quantized(cls, folder, config, dtype, backend, impl, quantization)
         state_dict = load_state_dict(folder, config, allow_non_finite=allow_non_finite)
         model = cls(config, dtype=dtype, backend=backend, impl=impl, init=False)
         model.load_state_dict({name[len(cls.prefix):]: value for name, value in state_dict.items()
                                if name.startswith(cls.prefix)})
+        if quantization is not None:  # "int8" / "int4" / a dict: quantized as it loads (minimamba.quant)
+            from .quant import quantize_as_asked
+            model = quantize_as_asked(model, quantization)
         model.name_or_path = str(path_or_repo_id)
         model.folder = folder
         return model

@@ -416,24 +416,23 @@ def build_model(cls, config, state, qconfig, dtype="float32", backend="numpy", i
 
 
 def from_pretrained_quantized(cls, folder, config, dtype="float32", backend="numpy", impl=None, quantization=None):
-    """from_pretrained for a quantized folder, or a float one with quantization="int8" / "int4" / a dict."""
-    from .weights import load_state_dict, read_checkpoint
+    """from_pretrained for a folder saved quantized (its config.json has quantization_config)."""
+    from .weights import read_checkpoint
 
-    stored = config.extra.pop("quantization_config", None)
-    if stored is not None:
-        if quantization is not None:
-            raise QuantizationError(f"{folder} is already quantized ({stored.get('scheme')}); "
-                                    "load it without quantization=")
-        state, qconfig = load_quantized_state(read_checkpoint(folder), config, stored, str(folder))
-        model = build_model(cls, config, state, qconfig, dtype, backend, impl, str(folder))
-    else:
-        spec = quantization if isinstance(quantization, dict) else {"scheme": quantization}
-        model = cls(config, dtype=dtype, backend=backend, impl=impl, init=False)
-        model.load_state_dict({n[len(cls.prefix):]: v for n, v in load_state_dict(folder, config).items()
-                               if n.startswith(cls.prefix)})
-        model = quantize(model, spec["scheme"], spec.get("block_size", 32), spec.get("modules"))
+    stored = config.extra.pop("quantization_config")
+    if quantization is not None:
+        raise QuantizationError(f"{folder} is already quantized ({stored.get('scheme')}); "
+                                "load it without quantization=")
+    state, qconfig = load_quantized_state(read_checkpoint(folder), config, stored, str(folder))
+    model = build_model(cls, config, state, qconfig, dtype, backend, impl, str(folder))
     model.name_or_path, model.folder = str(folder), folder
     return model
+
+
+def quantize_as_asked(model, quantization):
+    """from_pretrained's `quantization=`: "int8" / "int4", or a dict with scheme, block_size, modules."""
+    spec = quantization if isinstance(quantization, dict) else {"scheme": quantization}
+    return quantize(model, spec["scheme"], spec.get("block_size", 32), spec.get("modules"))
 
 
 # ---------------------------------------------------------------- accuracy

@@ -80,6 +80,8 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=1000, help="tokens per reported window")
     p.add_argument("--impl", default=None)
     args = p.parse_args(argv)
+    if 0 < args.decode < args.window:
+        p.error(f"--decode {args.decode} is shorter than one --window ({args.window}): nothing to report")
     from . import BUILTIN_MODEL_DIR
 
     source = f"shape:{args.shape}" if args.shape else (args.model or BUILTIN_MODEL_DIR)

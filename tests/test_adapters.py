@@ -133,3 +133,28 @@ def test_unmerged_adapter_equals_peft_unmerged_forward(saved, tmp_path):
     print(f"PEFT unmerged vs minimamba unmerged: max abs err {err:.2e} (max |logit| {np.abs(ref).max():.2f})")
     assert config.tie_word_embeddings
     assert err < 1e-10  # float64 on both sides: summation order only
+
+
+def test_adapter_on_a_quantized_base(tmp_path):
+    """from_pretrained(ADAPTER, quantization=) quantizes the base and keeps the adapter unmerged on top: the
+    same logits as the adapter on the base's dequantized weights (float32; only summation order differs)."""
+    from minimamba.quant import QuantizedWeight, dequantized, quantize
+
+    config = MambaConfig(**dict(TINY, hidden_size=32))  # rows of 32 and 64 weights: whole int8 blocks
+    params = init_weights(config, 0)
+    adapters = lora.add_adapters(config, params, ("embeddings", "in_proj", "out_proj"), r=2, alpha=4, seed=0)
+    for a in adapters.values():
+        a.B = a.B + 0.1 * np.random.default_rng(3).standard_normal(a.B.shape).astype(np.float32)
+    save_pretrained(tmp_path / "base", config, params)
+    lora.save_adapter(tmp_path / "adapter", adapters, base_model_name_or_path=str(tmp_path / "base"))
+    ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 6))
+
+    model = MambaForCausalLM.from_pretrained(tmp_path / "adapter", quantization="int8")
+    adapted = model.backbone.layers[0].mixer.in_proj_weight
+    assert isinstance(adapted, LoraLinearWeight) and isinstance(adapted.base, QuantizedWeight)
+    base_q = quantize(MambaForCausalLM.from_pretrained(tmp_path / "base"), "int8")
+    want = dequantized(base_q).load_adapter(tmp_path / "adapter")(ids).logits
+    got = model(ids).logits
+    err = np.abs(got - want).max() / np.abs(want).max()
+    print(f"adapter on int8 base vs on its dequantized weights: max rel err {err:.1e}")
+    assert err < 1e-5  # float32 rounding of a few sums of <= 64 terms
