@@ -72,16 +72,11 @@ def layer_of(name):
 
 def save_record(path, record: dict, metadata: dict | None = None):
     """Write {name: array} and JSON-able metadata to a safetensors file (temp file + fsync + rename)."""
-    from safetensors.numpy import save_file
+    from .weights import write_safetensors
 
     arrays = {name: np.ascontiguousarray(_to_numpy(value)) for name, value in record.items()}
     meta = {"format": "minimamba.record", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    save_file(arrays, tmp, metadata=meta)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_safetensors(path, arrays, metadata=meta)
 
 
 def load_record(path):

@@ -39,7 +39,6 @@ the float matrix.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -299,7 +298,8 @@ def weight_bytes(model) -> int:
 
 def save_quantized(model, folder):
     """config.json (with quantization_config) and model.safetensors holding packed weights and scales."""
-    from safetensors.numpy import save_file
+    from .atomic import write_json
+    from .weights import write_safetensors
 
     qconfig = getattr(model, "quantization_config", None)
     if not qconfig:
@@ -317,29 +317,8 @@ def save_quantized(model, folder):
     config = model.config.to_dict()
     config["quantization_config"] = {k: qconfig.get(k, []) for k in ("quant_method", "scheme", "block_size", "modules",
                                                                      "kept_float")}
-    _write_atomic(os.path.join(folder, "model.safetensors"),
-                  lambda path: save_file(tensors, path, metadata={"format": "minimamba-quantized"}))
-    _write_atomic(os.path.join(folder, "config.json"),
-                  lambda path: _write_json(path, config))
-
-
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def _write_atomic(path, write):
-    """write(temp path) in the same folder, fsync, rename over `path`: a kill leaves the old file whole."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors, metadata={"format": "minimamba-quantized"})
+    write_json(os.path.join(folder, "config.json"), config, sort_keys=True)
 
 
 def read_quantization_config(qconfig, source):
