@@ -19,8 +19,7 @@ import os
 
 
 def _prefer_512_bit_vectors() -> str:
-    import numba
-    from numba.core import config
+    from numba.core import config  # numba.config: the settings module the compiler reads
 
     if "NUMBA_CPU_NAME" in os.environ or "NUMBA_CPU_FEATURES" in os.environ:
         return "the user's NUMBA_CPU_NAME / NUMBA_CPU_FEATURES"
@@ -37,7 +36,6 @@ def _prefer_512_bit_vectors() -> str:
     if not features.get("avx512f"):
         return "no AVX-512"
     config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
-    numba.config.CPU_FEATURES = config.CPU_FEATURES
     return "512-bit vectors"
 
 

@@ -92,7 +92,7 @@ def check_out_dir(out, resume):
         print(note, flush=True)
     if resume and not has_checkpoint(out):
         hint = ("; a first save was interrupted before it completed, so start again without --resume"
-                if note and note.startswith("removed") else "")
+                if note else "")  # with no checkpoint, recover() only ever removes an uncommitted save
         raise FileNotFoundError(f"--resume: no checkpoint (trainer_state.json) in {out}{hint}")
     if resume:
         verify_checkpoint(out)
