@@ -100,10 +100,8 @@ class AutoTokenizer:
 
     @staticmethod
     def from_pretrained(path_or_repo_id, **kwargs):
-        from .pipeline import builtin_model_dir
-        from .tokenizer import Tokenizer
+        from .tokenizer import Tokenizer  # its from_pretrained maps "builtin" too
 
-        path_or_repo_id = builtin_model_dir() if path_or_repo_id == "builtin" else path_or_repo_id
         kwargs.pop("use_fast", None)  # always the `tokenizers` library
         kwargs.pop("trust_remote_code", None)
         if kwargs.pop("padding_side", "left") != "left":

@@ -11,13 +11,12 @@ import numpy as np
 
 def cmd_info(args):
     from .config import MambaConfig
-    from .pipeline import builtin_model_dir
     from .weights import SAFETENSORS_DTYPES, checkpoint_headers, load_state_dict, resolve_model_dir
 
     if str(args.model).endswith(".gguf"):  # a llama.cpp file: minimamba.gguf reads it
         from .gguf import print_info
         return print_info(args.model)
-    folder = resolve_model_dir(builtin_model_dir() if args.model == "builtin" else args.model)
+    folder = resolve_model_dir(args.model)  # a folder, a Hub id or "builtin"
     config = MambaConfig.from_pretrained(folder)
     headers = [entry for _, entries, _ in checkpoint_headers(folder) for entry in entries]  # no tensor read
     state = load_state_dict(folder, config, allow_non_finite=True)  # the one read of the weights

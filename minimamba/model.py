@@ -219,12 +219,10 @@ class _Pretrained:
         quantization_config) loads packed as it is.
         """
         from .adapters import base_model_of, is_adapter_folder
-        from .pipeline import builtin_model_dir
 
         if str(path_or_repo_id).endswith(".gguf"):  # llama.cpp's file: quantized tensors stay quantized
             from .gguf import from_gguf
             return from_gguf(cls, path_or_repo_id, dtype=dtype, backend=backend, impl=impl, quantization=quantization)
-        path_or_repo_id = builtin_model_dir() if path_or_repo_id == "builtin" else path_or_repo_id
         folder = resolve_model_dir(path_or_repo_id, revision=revision, cache_dir=cache_dir)
         if is_adapter_folder(folder) and hasattr(cls, "load_adapter"):
             model = cls.from_pretrained(base_model_of(folder), dtype=dtype, backend=backend, impl=impl,

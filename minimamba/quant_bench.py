@@ -120,9 +120,7 @@ def run_quant_bench(args):
 
 def _builtin():
     from .model import MambaForCausalLM
-    from .pipeline import builtin_model_dir
-
-    return MambaForCausalLM.from_pretrained(builtin_model_dir())
+    return MambaForCausalLM.from_pretrained("builtin")
 
 
 def _logits_error(source, rows, ids):

@@ -82,9 +82,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if 0 < args.decode < args.window:
         p.error(f"--decode {args.decode} is shorter than one --window ({args.window}): nothing to report")
-    from . import BUILTIN_MODEL_DIR
-
-    source = f"shape:{args.shape}" if args.shape else (args.model or BUILTIN_MODEL_DIR)
+    source = f"shape:{args.shape}" if args.shape else (args.model or "builtin")
     model = _bench_model(source, "float32", impl=args.impl)
     print(f"model {source}: {model.num_parameters():,} parameters, impl {args.impl or 'auto'}")
     if args.decode:

@@ -47,9 +47,14 @@ SAFETENSORS_DTYPES = {
 def resolve_model_dir(path_or_repo_id, revision=None, cache_dir=None) -> str:
     """A local folder as it is; otherwise a Hub repo id, from the HF cache or downloaded into it.
 
-    Tries, in order: the local path; the huggingface_hub cache (no network);
-    the Hub (unless HF_HUB_OFFLINE=1). The error says what each step found.
+    "builtin" names the model shipped with minimamba. Otherwise tries, in order: the local
+    path; the huggingface_hub cache (no network); the Hub (unless HF_HUB_OFFLINE=1). The
+    error says what each step found.
     """
+    if path_or_repo_id == "builtin":
+        from .pipeline import builtin_model_dir
+
+        return builtin_model_dir()
     path = os.fspath(path_or_repo_id)
     if os.path.isdir(path):
         return path

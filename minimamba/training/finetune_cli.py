@@ -42,7 +42,6 @@ def add_finetune_parser(sub):
 
 def cmd_finetune(args):
     from ..config import MambaConfig
-    from ..pipeline import builtin_model_dir
     from ..weights import load_state_dict, resolve_model_dir, save_pretrained
     from . import data, lora
     from .grad import TrainingModel
@@ -50,7 +49,7 @@ def cmd_finetune(args):
     opts = loop_options(args)
     check_out_dir(args.out, args.resume)
     stage(f"loading {args.model}")
-    folder = resolve_model_dir(builtin_model_dir() if args.model == "builtin" else args.model)
+    folder = resolve_model_dir(args.model)  # a folder, a Hub id or "builtin"
     config = MambaConfig.from_pretrained(folder)
     params = {k: np.array(v, dtype=np.float32) for k, v in load_state_dict(folder, config).items()}
     tokenizer = data.load_tokenizer(args.tokenizer or folder)
