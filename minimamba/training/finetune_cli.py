@@ -47,7 +47,7 @@ def cmd_finetune(args):
     from .grad import TrainingModel
 
     opts = loop_options(args)
-    check_out_dir(args.out, args.resume)
+    verified = check_out_dir(args.out, args.resume)
     stage(f"loading {args.model}")
     folder = resolve_model_dir(args.model)  # a folder, a Hub id or "builtin"
     config = MambaConfig.from_pretrained(folder)
@@ -77,7 +77,8 @@ def cmd_finetune(args):
 
     extra = {"command": "finetune", "base_model": str(args.model), "text": os.path.abspath(args.text),
              "lora_parameters": n_lora}
-    state = run(model, train_ids, val_ids, opts, args.out, save_checkpoint, resume=args.resume, extra_state=extra)
+    state = run(model, train_ids, val_ids, opts, args.out, save_checkpoint, resume=args.resume, extra_state=extra,
+                verified_state=verified)
     if args.merge_to:
         save_pretrained(args.merge_to, config, lora.merge_adapters(params, adapters))
         data.save_tokenizer(tokenizer, args.merge_to)

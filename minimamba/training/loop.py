@@ -101,8 +101,11 @@ def evaluate(model, val_ids, batch_size, seq_len, max_batches) -> float:
 
 
 def run(model, train_ids, val_ids, opts: LoopOptions, out_dir, save_checkpoint, resume=False, extra_state=None,
-        stream=None):
+        stream=None, verified_state=None):
     """Train `model` (a grad.TrainingModel) and checkpoint into `out_dir` with `save_checkpoint(out_dir)`.
+
+    `verified_state`: what `verify_checkpoint(out_dir)` returned just before (the CLI checks the
+    files before it loads the weights), so a resume does not hash every file a second time.
 
     Returns a summary dict (final step, losses, tokens/s) that is also written to trainer_state.json.
     """
@@ -114,7 +117,7 @@ def run(model, train_ids, val_ids, opts: LoopOptions, out_dir, save_checkpoint, 
     if extra_state:
         state.update(extra_state)
     if resume:
-        state = _load_state(out_dir, optimizer, sampler, dropout_rng, state)
+        state = _load_state(out_dir, optimizer, sampler, dropout_rng, state, verified_state)
     progress = Progress(opts.steps, opts.log_every, stream)
     tokens_per_step = opts.batch_size * opts.seq_len * opts.grad_accum
     deadline = time.time() + opts.max_minutes * 60 if opts.max_minutes else math.inf
@@ -268,14 +271,17 @@ def check_file_name(name, out_dir) -> str:
     return name
 
 
-def _load_state(out_dir, optimizer, sampler, dropout_rng, state):
+def _load_state(out_dir, optimizer, sampler, dropout_rng, state, verified_state=None):
     from ..weights import read_safetensors
 
-    recover(out_dir)
-    if not has_checkpoint(out_dir):
-        raise FileNotFoundError(f"--resume: {os.path.join(out_dir, STATE_FILE)} not found; there is no checkpoint "
-                                f"to resume in {out_dir}")
-    saved = verify_checkpoint(out_dir)
+    if verified_state is not None:
+        saved = dict(verified_state)
+    else:
+        recover(out_dir)
+        if not has_checkpoint(out_dir):
+            raise FileNotFoundError(f"--resume: {os.path.join(out_dir, STATE_FILE)} not found; there is no "
+                                    f"checkpoint to resume in {out_dir}")
+        saved = verify_checkpoint(out_dir)
     try:
         optimizer.load_state_arrays(read_safetensors(os.path.join(out_dir, OPTIMIZER_FILE)), saved["optimizer_step"])
         sampler.rng.bit_generator.state = saved.pop("sampler_rng")

@@ -84,7 +84,10 @@ def loop_options(args) -> LoopOptions:
 
 
 def check_out_dir(out, resume):
-    """Refuse a wrong --out early; finish or discard a save a kill interrupted; check a checkpoint to resume."""
+    """Refuse a wrong --out early; finish or discard a save a kill interrupted; check a checkpoint to resume.
+
+    Returns the checkpoint's verified trainer state when resuming (for `loop.run(verified_state=)`), else None.
+    """
     if os.path.isfile(out):
         raise ValueError(f"--out {out} is a file; give a folder")
     note = recover(out) if os.path.isdir(out) else None
@@ -94,11 +97,10 @@ def check_out_dir(out, resume):
         hint = ("; a first save was interrupted before it completed, so start again without --resume"
                 if note else "")  # with no checkpoint, recover() only ever removes an uncommitted save
         raise FileNotFoundError(f"--resume: no checkpoint (trainer_state.json) in {out}{hint}")
-    if resume:
-        verify_checkpoint(out)
     if not resume and has_checkpoint(out):
         raise ValueError(f"{out} already holds a training checkpoint; pass --resume to continue it "
                          "or choose another --out")
+    return verify_checkpoint(out) if resume else None
 
 
 def cmd_train(args):
@@ -109,7 +111,7 @@ def cmd_train(args):
     from .grad import TrainingModel
 
     opts = loop_options(args)
-    check_out_dir(args.out, args.resume)
+    verified = check_out_dir(args.out, args.resume)
     stage(f"reading {args.text}")
     text = data.read_text(args.text)
     train_text, val_text = data.split_text(text, args.val_fraction)
@@ -150,7 +152,8 @@ def cmd_train(args):
 
     extra = {"command": "train", "text": os.path.abspath(args.text), "parameters": n_params,
              "train_tokens_in_text": int(len(train_ids)), "val_tokens_in_text": int(len(val_ids))}
-    state = run(model, train_ids, val_ids, opts, args.out, save_checkpoint, resume=args.resume, extra_state=extra)
+    state = run(model, train_ids, val_ids, opts, args.out, save_checkpoint, resume=args.resume, extra_state=extra,
+                verified_state=verified)
     summary = {k: state.get(k) for k in ("step", "train_loss", "val_loss", "tokens_per_s", "train_seconds")}
     if state.get("val_loss") is not None:
         summary["val_perplexity"] = math.exp(state["val_loss"])
