@@ -139,7 +139,11 @@ def pipeline(task="text-generation", model=None, tokenizer=None, **kwargs):
 
     if task != "text-generation":
         raise ValueError(f"task {task!r} is not supported; minimamba's pipeline does 'text-generation'")
-    impl = kwargs.pop("impl", None)
     options = _backend_kwargs(kwargs)
-    model, tokenizer = load(model, tokenizer, dtype=options["dtype"], backend=options["backend"], impl=impl)
+    unused = sorted({"revision", "cache_dir"} & set(options))
+    if unused:  # load() reads a folder or the Hub cache as it is: never drop a setting without a word
+        raise ValueError(f"{', '.join(unused)}: not supported by minimamba.pipeline; load the model first, "
+                         f"e.g. AutoModelForCausalLM.from_pretrained(name, {unused[0]}=...), and pass model=it")
+    model, tokenizer = load(model, tokenizer, dtype=options["dtype"], backend=options["backend"],
+                            impl=options.get("impl"))
     return TextGenerationPipeline(model, tokenizer)

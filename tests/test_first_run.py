@@ -223,3 +223,9 @@ def test_training_speaks_from_the_first_second(tmp_path):
     stages = " ".join(lines[:4])
     assert "BPE tokenizer" in stages and "step 1 of 2" in stages
     assert "--warmup 100 is longer than the run (--steps 2)" in proc.stderr
+
+
+def test_pipeline_refuses_what_it_cannot_pass_on():
+    """revision= and cache_dir= would be dropped on the way to load(): refused, naming them."""
+    with pytest.raises(ValueError, match="revision: not supported by minimamba.pipeline"):
+        minimamba.pipeline("text-generation", model="builtin", revision="main")
