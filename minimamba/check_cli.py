@@ -86,8 +86,10 @@ def cmd_dump(args):
     if not args.no_envelope:
         from .quant import dequantized  # a quantized model's envelope: float32 vs float64 of its dequantized weights
 
-        meta["envelope"] = error_envelope(dequantized(model) if getattr(model, "quantization_config", None) else model,
-                                          ids, names, layers)
+        quantized = getattr(model, "quantization_config", None)
+        own_float64 = args.dtype == "float64" and args.engine == "minimamba" and args.impl is None and not quantized
+        meta["envelope"] = error_envelope(dequantized(model) if quantized else model, ids, names, layers,
+                                          float64_record=record if own_float64 else None)  # that run: not twice
     save_record(args.output, record, meta)
     print(f"wrote {len(record)} tensors ({sum(v.nbytes for v in record.values()) / 1e6:.1f} MB) of {args.engine} "
           f"{args.dtype} on {ids.shape[1]} tokens to {args.output}"

@@ -107,16 +107,20 @@ def _to_numpy(a):
 # ---------------------------------------------------------------- the error envelope
 
 
-def error_envelope(model, input_ids, record="*", record_layers=None, impl=None) -> dict:
+def error_envelope(model, input_ids, record="*", record_layers=None, impl=None, float64_record=None) -> dict:
     """{name: max |float32 - float64|} of minimamba's own two runs of `model`'s weights on `input_ids`.
 
     `model` is a MambaForCausalLM (any dtype); it is rebuilt in float32 and float64 from its weights.
+    `float64_record`: the float64 run's record when the caller has just made it (same weights,
+    input, names and impl), so it is not run a second time.
     """
     from .model import MambaForCausalLM
 
     state = {k: model.backend.to_numpy(v) for k, v in model.state_dict().items()}
-    runs = {}
+    runs = {} if float64_record is None else {"float64": float64_record}
     for dtype in ("float32", "float64"):
+        if dtype in runs:
+            continue
         twin = MambaForCausalLM(model.config, dtype=dtype, impl=impl, init=False).load_state_dict(state)
         runs[dtype] = twin(input_ids, record=record, record_layers=record_layers).record
     return {name: float(np.abs(runs["float32"][name].astype(np.float64) - runs["float64"][name]).max())
