@@ -72,12 +72,7 @@ def cmd_dump(args):
     if args.engine == "transformers":
         from .crosscheck import capture_transformers, to_transformers
 
-        _, record = capture_transformers(to_transformers(model, args.dtype), ids, names=names)
-        if layers is not None:
-            from .record import Recorder
-
-            keep = Recorder(names, layers)
-            record = {n: v for n, v in record.items() if keep.wants(n)}
+        _, record = capture_transformers(to_transformers(model, args.dtype), ids, names=names, layers=layers)
     else:
         record = model(ids, record=names, record_layers=layers).record
     if not record:

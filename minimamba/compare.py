@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .record import LAYER_NAME
 
 ENVELOPE_FACTOR = 10.0  # tolerance = factor x (float32 - float64 of minimamba) + eps32 x max|ref|; see above
 EPS32 = float(np.finfo(np.float32).eps)
@@ -40,7 +41,6 @@ EPS32 = float(np.finfo(np.float32).eps)
 LAYER_ORDER = ("norm", "mixer.in_proj", "mixer.conv_act", "mixer.x_proj", "mixer.dt_proj", "mixer.dt_softplus",
                "mixer.B", "mixer.C", "mixer.scan", "mixer.gated", "mixer.out_proj", "mixer.conv_state",
                "mixer.ssm_state", "")
-_LAYER_NAME = re.compile(r"^backbone\.layers\.(\d+)(?:\.(.*))?$")
 
 
 class RecordFileError(ValueError):
@@ -52,7 +52,7 @@ def forward_order(names) -> list:
     def key(name):
         if name == "backbone.embeddings":
             return (0, 0, 0, name)
-        match = _LAYER_NAME.match(name)
+        match = LAYER_NAME.match(name)
         if match:
             short = match.group(2) or ""
             pos = LAYER_ORDER.index(short) if short in LAYER_ORDER else len(LAYER_ORDER)
@@ -63,7 +63,7 @@ def forward_order(names) -> list:
 
 
 def layer_of(name):
-    match = _LAYER_NAME.match(name)
+    match = LAYER_NAME.match(name)
     return int(match.group(1)) if match else None
 
 
@@ -189,7 +189,7 @@ class Comparison:
         for r in self.rows:
             layer = layer_of(r.name)
             if layer is not None:
-                short = _LAYER_NAME.match(r.name).group(2) or "block output"
+                short = LAYER_NAME.match(r.name).group(2) or "block output"
                 kinds.setdefault(short, []).append((layer, max(r.ratio, 1e-12)))
         for short, points in kinds.items():
             xs, ys = zip(*sorted(points))

@@ -13,11 +13,10 @@ these functions are called.
 
 from __future__ import annotations
 
-import fnmatch
-
 import numpy as np
 
 from .compare import forward_order
+from .record import Recorder
 
 LAYER_MODULES = ("norm", "mixer.in_proj", "mixer.x_proj", "mixer.dt_proj", "mixer.out_proj", "")
 
@@ -30,16 +29,17 @@ def hooked_names(num_hidden_layers) -> list:
     return names + ["backbone.norm_f", "lm_head"]
 
 
-def capture_transformers(hf_model, input_ids, names=None, **forward_kwargs):
+def capture_transformers(hf_model, input_ids, names=None, layers=None, **forward_kwargs):
     """(transformers' output, {name: numpy array}) of one forward with hooks on the named modules.
 
-    `names`: None (all of hooked_names) or fnmatch patterns, as `record=` takes them.
+    `names` and `layers` select as `record=` and `record_layers=` do (the same Recorder rule):
+    None (all of hooked_names) or fnmatch patterns, and None or the layer indices.
     `forward_kwargs` go to the forward (e.g. cache=..., use_cache=True for a decode step).
     A module whose hook does not fire (dt_proj in transformers 5.24) is left out.
     """
     import torch
 
-    patterns = [names] if isinstance(names, str) else names
+    wanted = Recorder(names, layers)
     modules = dict(hf_model.named_modules())
     record, handles = {}, []
 
@@ -51,7 +51,7 @@ def capture_transformers(hf_model, input_ids, names=None, **forward_kwargs):
         return hook
 
     for name in hooked_names(hf_model.config.num_hidden_layers):
-        if name in modules and (patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)):
+        if name in modules and wanted.wants(name):
             handles.append(modules[name].register_forward_hook(keep(name)))
     try:
         with torch.no_grad():

@@ -52,7 +52,7 @@ import fnmatch
 import re
 
 STATE_NAMES = ("conv_state", "ssm_state")  # per-pass snapshots, not sequences: the last chunk's wins
-_LAYER = re.compile(r"^backbone\.layers\.(\d+)(\.|$)")
+LAYER_NAME = re.compile(r"^backbone\.layers\.(\d+)(?:\.(.*))?$")  # (layer index, what in the layer)
 
 
 class Recorder:
@@ -96,7 +96,7 @@ class Recorder:
         return hit
 
     def _match(self, name):
-        layer = _LAYER.match(name)
+        layer = LAYER_NAME.match(name)
         if self.layers is not None and layer and int(layer.group(1)) not in self.layers:
             return False
         if self.patterns is None and not self.exact:
