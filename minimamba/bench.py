@@ -304,9 +304,6 @@ def time_runner(runner, ids, new_tokens):
 
 
 def run_bench(args):
-    if getattr(args, "quantization", None):  # float32 vs int8 / int4 side by side: minimamba.quant_bench
-        from .quant_bench import run_quant_bench
-        return run_quant_bench(args)
     if (args.model is None) == (args.shape is None):
         raise ValueError("give exactly one of --model PATH or --shape NAME")
     if args.prompt_len < 1 or args.batch < 1 or args.new_tokens < 0 or args.repeat < 1:
@@ -315,6 +312,9 @@ def run_bench(args):
 
     if not args.untuned:
         threads.tune_threads()
+    if getattr(args, "quantization", None):  # float32 vs int8 / int4 side by side: minimamba.quant_bench
+        from .quant_bench import run_quant_bench
+        return run_quant_bench(args)
     rss0 = _rss_bytes("VmRSS")
     source = args.model if args.model is not None else f"shape:{args.shape}"
     model = _bench_model(source, args.dtype, args.impl)

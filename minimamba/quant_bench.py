@@ -49,14 +49,11 @@ def _decode_bytes(model):
 
 
 def run_quant_bench(args):
+    """`minimamba bench --quantization`: run_bench has checked the arguments and tuned the threads."""
     from . import threads
     from .bench import MinimambaRunner, _bench_model, measure_bandwidth, time_runner
     from .quant import SCHEMES, perplexity_table, weight_bytes
 
-    if (args.model is None) == (args.shape is None):
-        raise ValueError("give exactly one of --model PATH or --shape NAME")
-    if not getattr(args, "untuned", False):  # as the float bench: OpenBLAS's spinning threads left to
-        threads.tune_threads()  # themselves take the cores from the Numba kernels between two matmuls
     schemes = SCHEMES if args.quantization == "both" else (args.quantization,)
     block_sizes = [int(b) for b in str(args.block_size).split(",")]
     source = args.model if args.model is not None else f"shape:{args.shape}"
