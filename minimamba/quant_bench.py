@@ -101,7 +101,7 @@ def run_quant_bench(args):
               f"{f'{np.median(ratios):.2f} ({ratios[0]:.2f}..{ratios[-1]:.2f})':>28}{bound:>12}")
 
     print()
-    _logits_error(source, rows, ids[:, :64])
+    _logits_error(model, rows, ids[:, :64])
     if args.eval_text:
         text_model = model if args.model is not None else _builtin()
         with open(args.eval_text, encoding="utf-8") as f:
@@ -120,11 +120,12 @@ def _builtin():
     return MambaForCausalLM.from_pretrained("builtin")
 
 
-def _logits_error(source, rows, ids):
-    """Each row's logits against a float64 run of the same float weights."""
-    from .bench import _bench_model
+def _logits_error(model, rows, ids):
+    """Each row's logits against a float64 run of the same float weights (`model`'s, not read again)."""
+    from .model import MambaForCausalLM
 
-    ref = _bench_model(source, "float64", None)(ids).logits  # (b, l, V)
+    ref = MambaForCausalLM(model.config, dtype="float64", init=False).load_state_dict(model.state_dict())
+    ref = ref(ids).logits  # (b, l, V)
     scale = np.abs(ref).max()
     print(f"logits vs float64 ({ids.shape[1]} tokens, max |logit| {scale:.2f}):")
     for name, m in rows:
