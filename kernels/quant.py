@@ -242,6 +242,8 @@ _DEQUANTIZE = {"int8": _dequantize_int8, "int4": _dequantize_int4}
 # The same matvec cores without threads, for small products (see PARALLEL_MIN)
 _matvec_int8_serial = njit(fastmath=FASTMATH, cache=True)(_matvec_int8.py_func)
 _matvec_int4_serial = njit(fastmath=FASTMATH, cache=True)(_matvec_int4.py_func)
+_MATVEC = {("int8", False): _matvec_int8, ("int8", True): _matvec_int8_serial,  # (scheme, serial)
+           ("int4", False): _matvec_int4, ("int4", True): _matvec_int4_serial}
 
 
 def supports(weight, x) -> bool:
@@ -256,18 +258,14 @@ def linear(weight, x):
     x2 = np.ascontiguousarray(x.reshape(-1, k))  # (m, K)
     m = x2.shape[0]
     scales = weight.scales.view(np.uint16)
+    out = np.empty((m, n), dtype=np.float32)  # (m, N)
     if m <= MATVEC_MAX_ROWS:
-        out = np.empty((m, n), dtype=np.float32)  # (m, N)
-    serial = m * n * k < PARALLEL_MIN
-    if m <= MATVEC_MAX_ROWS and weight.scheme == "int8":
-        (_matvec_int8_serial if serial else _matvec_int8)(weight.qs, scales, x2, out, weight.block_size)
-    elif m <= MATVEC_MAX_ROWS:
-        (_matvec_int4_serial if serial else _matvec_int4)(weight.qs, scales, x2, out, weight.block_size)
+        serial = m * n * k < PARALLEL_MIN
+        _MATVEC[weight.scheme, serial](weight.qs, scales, x2, out, weight.block_size)
     else:
         dequantize = _DEQUANTIZE[weight.scheme]
         rows = max(16, min(n, TILE_BYTES // (4 * k)))
         tile = np.empty((rows, k), dtype=np.float32)  # the one float buffer, reused by every tile
-        out = np.empty((m, n), dtype=np.float32)  # (m, N)
         for r0 in range(0, n, rows):
             t = tile[:min(rows, n - r0)]  # (rows, K)
             dequantize(weight.qs, scales, r0, t, weight.block_size)
