@@ -231,7 +231,8 @@ class _Pretrained:
         config = MambaConfig.from_pretrained(folder)
         if "quantization_config" in config.extra:  # saved quantized: the packed weights load as they are
             from .quant import from_pretrained_quantized
-            return from_pretrained_quantized(cls, folder, config, dtype, backend, impl, quantization)
+            return from_pretrained_quantized(cls, folder, config, dtype, backend, impl, quantization,
+                                             allow_non_finite)
         state_dict = load_state_dict(folder, config, allow_non_finite=allow_non_finite)
         model = cls(config, dtype=dtype, backend=backend, impl=impl, init=False)
         model.load_state_dict({name[len(cls.prefix):]: value for name, value in state_dict.items()

@@ -335,9 +335,13 @@ def read_quantization_config(qconfig, source):
     return scheme, block_size, modules
 
 
-def load_quantized_state(tensors, config, qconfig, source):
-    """Raw tensors of a quantized checkpoint -> {name: array or QuantizedWeight}, every name and shape checked."""
-    from .weights import expected_shapes, normalize_keys
+def load_quantized_state(tensors, config, qconfig, source, allow_non_finite=False):
+    """Raw tensors of a quantized checkpoint -> {name: array or QuantizedWeight}, every name and shape checked.
+
+    The packed matrices are checked here; the float tensors by weights.validate, as in a float
+    checkpoint. NaN/inf in a float tensor or a scale is refused unless `allow_non_finite`.
+    """
+    from .weights import check_finite, expected_shapes, normalize_keys, validate
 
     scheme, block_size, modules = read_quantization_config(qconfig, source)
     tensors = normalize_keys(tensors)
@@ -363,22 +367,11 @@ def load_quantized_state(tensors, config, qconfig, source):
             state[name] = QuantizedWeight(kind, qs, scales, block_size)
         except QuantizationError as err:
             raise QuantizationError(f"{source}: {name}: {err}") from None
-    head = tensors.pop("lm_head.weight", None)
-    if head is not None and not config.tie_word_embeddings:
-        tensors["lm_head.weight"] = head
-    for name, shape in shapes.items():
-        if name in state:
-            continue
-        if name not in tensors:
-            raise QuantizationError(f"{source}: missing tensor {name!r} with shape {shape}")
-        value = tensors.pop(name)
-        if tuple(value.shape) != shape or not np.issubdtype(value.dtype, np.floating):
-            raise QuantizationError(f"{source}: tensor {name!r} is {value.dtype} {tuple(value.shape)}, expected "
-                                    f"floating point {shape}")
-        state[name] = value
-    stray = sorted(tensors)
-    if stray:
-        raise QuantizationError(f"{source}: unexpected tensor {stray[0]!r} ({len(stray)} in all)")
+    floats = validate(tensors, config, source, skip=set(state))
+    if not allow_non_finite:
+        check_finite(floats, source)
+        check_finite({name + SCALE_SUFFIX: w.scales for name, w in state.items()}, source)
+    state.update(floats)
     return state, {"quant_method": "minimamba", "scheme": scheme, "block_size": block_size,
                    "modules": list(modules), "kept_float": list(qconfig.get("kept_float", []))}
 
@@ -394,7 +387,8 @@ def build_model(cls, config, state, qconfig, dtype="float32", backend="numpy", i
     return model
 
 
-def from_pretrained_quantized(cls, folder, config, dtype="float32", backend="numpy", impl=None, quantization=None):
+def from_pretrained_quantized(cls, folder, config, dtype="float32", backend="numpy", impl=None, quantization=None,
+                              allow_non_finite=False):
     """from_pretrained for a folder saved quantized (its config.json has quantization_config)."""
     from .weights import read_checkpoint
 
@@ -402,7 +396,7 @@ def from_pretrained_quantized(cls, folder, config, dtype="float32", backend="num
     if quantization is not None:
         raise QuantizationError(f"{folder} is already quantized ({stored.get('scheme')}); "
                                 "load it without quantization=")
-    state, qconfig = load_quantized_state(read_checkpoint(folder), config, stored, str(folder))
+    state, qconfig = load_quantized_state(read_checkpoint(folder), config, stored, str(folder), allow_non_finite)
     model = build_model(cls, config, state, qconfig, dtype, backend, impl, str(folder))
     model.name_or_path, model.folder = str(folder), folder
     return model

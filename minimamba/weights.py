@@ -375,13 +375,15 @@ def normalize_keys(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def validate(tensors: dict[str, np.ndarray], config: MambaConfig, source="checkpoint") -> dict[str, np.ndarray]:
+def validate(tensors: dict[str, np.ndarray], config: MambaConfig, source="checkpoint",
+             skip=()) -> dict[str, np.ndarray]:
     """Check every tensor's presence and shape against the config; return the ones the model uses.
 
     A tied `lm_head.weight` that equals the embedding is dropped; one that
     differs while the config says tied is an error (the config contradicts the file).
+    `skip`: names the caller has taken out and checked itself (a quantized file's packed matrices).
     """
-    shapes = expected_shapes(config)
+    shapes = {name: shape for name, shape in expected_shapes(config).items() if name not in skip}
     tensors = dict(tensors)
     head = tensors.pop("lm_head.weight", None)
     if head is not None and config.tie_word_embeddings:

@@ -1,6 +1,7 @@
 """Weight-only int8 / int4 quantization (minimamba.quant) and its Numba kernels (minimamba.kernels.quant)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -242,6 +243,21 @@ def test_quantized_file_with_a_missing_scale_is_refused(qmodel_float, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(QuantizationError, match="missing scale tensor 'backbone.layers.1.mixer.out_proj.weight_scale'"):
         MambaForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["backbone.layers.1.mixer.out_proj.weight_scale", "backbone.layers.0.mixer.D"])
+def test_quantized_file_with_non_finite_values_is_refused(qmodel_float, tmp_path, name):
+    """As a float checkpoint: a NaN in a scale or a float tensor is refused, naming it, unless allowed."""
+    from safetensors.numpy import load_file, save_file
+
+    quantize(qmodel_float, "int8").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors[name] = tensors[name].copy()
+    tensors[name].reshape(-1)[3] = np.nan
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=f"tensor '{re.escape(name)}' has 1 non-finite value"):
+        MambaForCausalLM.from_pretrained(tmp_path)
+    assert MambaForCausalLM.from_pretrained(tmp_path, allow_non_finite=True).quantization_config
 
 
 def test_quantized_file_with_a_wrong_scheme_is_refused(qmodel_float, tmp_path):
