@@ -99,7 +99,8 @@ def tune_threads() -> str:
     """
     _state["tuned"] = True
     _state["openblas"] = _tune_openblas()
-    if sys.modules.get("minimamba.kernels") is not None:  # the kernels package is loaded: tune Numba now
+    untouched = _state["numba"] in ("not tuned", "tuned when Numba loads")  # else an earlier call's record stands
+    if sys.modules.get("minimamba.kernels") is not None and untouched:  # the kernels are loaded: tune Numba now
         from .kernels import tune_numba
 
         try:
